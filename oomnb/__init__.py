@@ -1,0 +1,92 @@
+"""oomnb: CUDA out-of-memory errors, solved in notebooks.
+
+Load it in IPython or Jupyter with ``%load_ext oomnb``, then put ``%%gpumem``
+at the top of a cell.  Without a GPU, a simulated device counts every tensor
+as the CUDA caching allocator would and raises real out-of-memory errors at
+the capacity you give it (``--limit 4GiB`` or a card name such as ``T4``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .report import MIME_TYPE, SCHEMA_VERSION, Report, Suggestion
+from .session import history, last_report
+from .units import CARDS, format_bytes, parse_size
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CARDS",
+    "MIME_TYPE",
+    "SCHEMA_VERSION",
+    "Report",
+    "Suggestion",
+    "__version__",
+    "format_bytes",
+    "history",
+    "last_report",
+    "load_ipython_extension",
+    "parse_size",
+    "status",
+    "unload_ipython_extension",
+    "untracked",
+]
+
+_LOADED: dict[int, Any] = {}
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """Register ``%gpumem``/``%%gpumem`` and start the simulated device if no GPU is usable."""
+    from .magics import GpuMem
+
+    key = id(ipython)
+    if key in _LOADED:  # loaded twice: nothing more to do
+        return
+    magics = GpuMem(shell=ipython, parent=ipython)
+    ipython.register_magics(magics)
+    if magics not in ipython.configurables:
+        ipython.configurables.append(magics)
+    backend = magics.backend()
+    backend.ensure_started()
+    if magics.auto:
+        magics._set_hooks(True)
+    _LOADED[key] = magics
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """Remove every hook, magic and setting that loading added."""
+    magics = _LOADED.pop(id(ipython), None)
+    if magics is None:
+        return
+    magics.close()
+    for kind in ("line", "cell"):
+        ipython.magics_manager.magics[kind].pop("gpumem", None)
+    ipython.magics_manager.registry.pop(type(magics).__name__, None)
+    if magics in ipython.configurables:
+        ipython.configurables.remove(magics)
+
+
+def status(device: str | None = None) -> dict[str, Any]:
+    """The device's figures now, as plain data (bytes)."""
+    from .backends import get_backend
+
+    backend = _current_magics().backend(device) if _LOADED else get_backend(device)
+    data = backend.snapshot().to_dict()
+    data.update(kind=backend.kind, name=backend.name, index=backend.index)
+    return data
+
+
+def untracked() -> Any:
+    """Context manager: tensors created inside stay uncounted by the simulated device.
+
+    For data sets and other things that on a real GPU would stay in host
+    memory.  It changes nothing on CUDA.
+    """
+    from .backends.simulated import device
+
+    return device.untracked()
+
+
+def _current_magics() -> Any:
+    return next(iter(_LOADED.values()))

@@ -1,0 +1,619 @@
+"""``%%gpumem`` and ``%gpumem``: the IPython side of oomnb.
+
+The cell runs the way ``%%time`` runs it (transformed, parsed and executed in
+the user namespace, the last expression's value returned so it becomes
+``Out[n]``); around it the backend's figures are read, and an out-of-memory
+error is caught, its memory given back, and reported.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+import time
+from typing import Any
+
+from IPython.core import magic_arguments
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.display import display
+from traitlets import Bool, TraitError, Unicode, observe, validate
+
+from . import recovery, rules, session
+from .backends import Backend, MemorySnapshot, get_backend, limited
+from .oom import is_oom_error
+from .report import DeviceInfo, OomInfo, Report
+from .units import Card, format_bytes, parse_limit
+
+__all__ = ["GpuMem"]
+
+# Names IPython binds by itself: never rolled back.
+_IPYTHON_NAMES = re.compile(r"^(_+|_i+|_i\d+|_\d+|_ih|_oh|_dh|In|Out|exit|quit|get_ipython)$")
+
+
+def current_execution_count(shell: Any) -> int | None:
+    """The number of the cell now running.
+
+    IPython 9 increments ``execution_count`` before the cell runs and 8 after;
+    the running cell's ``ExecutionResult`` has the right number in both.
+    """
+    result = getattr(shell.displayhook, "exec_result", None)
+    count = getattr(result, "execution_count", None)
+    return int(count) if count is not None else shell.execution_count
+
+
+def _first_line(cell: str) -> str:
+    for line in cell.splitlines():
+        if line.strip():
+            return line.strip()[:120]
+    return ""
+
+
+class CellMeasure:
+    """Figures taken around one cell: baseline and timer at the start."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        backend.ensure_started()
+        self.before: MemorySnapshot = backend.snapshot()
+        backend.reset_peak()
+        self.started = time.perf_counter()
+        self.duration = 0.0
+
+    def stop(self) -> None:
+        self.duration = time.perf_counter() - self.started
+
+    def report(
+        self,
+        cell: int | None,
+        end: MemorySnapshot,
+        peak: int,
+        *,
+        source: str = "",
+        batch_var: dict[str, Any] | None = None,
+        oom: OomInfo | None = None,
+        recovered: int = 0,
+        released: list[str] | None = None,
+    ) -> Report:
+        backend = self.backend
+        card = backend.card
+        device = DeviceInfo(
+            kind=backend.kind,
+            name=backend.name,
+            index=backend.index,
+            capacity_bytes=end.capacity_bytes,
+            card=card.name if card else None,
+        )
+        return Report(
+            cell=cell,
+            device=device,
+            baseline_bytes=self.before.allocated_bytes,
+            end_bytes=end.allocated_bytes,
+            peak_bytes=max(peak, self.before.allocated_bytes, end.allocated_bytes),
+            reserved_bytes=end.reserved_bytes,
+            free_bytes=end.free_bytes,
+            duration_s=round(self.duration, 6),
+            batch_var=batch_var,
+            oom=oom,
+            recovered_bytes=max(0, recovered),
+            released_names=released or [],
+            source=source,
+        )
+
+
+def oom_report(
+    measure: CellMeasure,
+    exc: BaseException,
+    at_failure: MemorySnapshot,
+    cell: int | None,
+    *,
+    source: str,
+    batch_var: dict[str, Any] | None,
+) -> tuple[Report, OomInfo]:
+    """The report for a cell that ran out of memory, before recovery."""
+    backend = measure.backend
+    facts = backend.describe_oom(exc)
+    capacity = at_failure.capacity_bytes or facts.capacity_bytes
+    free = facts.free_bytes if facts.free_bytes is not None else at_failure.free_bytes
+    oom = OomInfo(
+        requested_bytes=facts.requested_bytes,
+        free_bytes=free,
+        capacity_bytes=capacity,
+        message=str(exc),
+        over_bytes=(facts.requested_bytes - free) if facts.requested_bytes is not None and free is not None else None,
+        allocated_bytes=facts.allocated_bytes,
+        reserved_unallocated_bytes=facts.reserved_unallocated_bytes,
+        exception_type=type(exc).__name__,
+    )
+    if oom.over_bytes is not None:
+        oom.over_bytes = max(0, oom.over_bytes)
+    report = measure.report(cell, at_failure, at_failure.peak_bytes, source=source, batch_var=batch_var, oom=oom)
+    oom.diagnosis, report.suggestions = rules.diagnose(
+        oom,
+        baseline_bytes=measure.before.allocated_bytes,
+        allocated_at_failure=at_failure.allocated_bytes,
+        capacity_bytes=capacity,
+        simulated=backend.kind == "simulated",
+        batch_var=batch_var,
+    )
+    return report, oom
+
+
+@magics_class
+class GpuMem(Magics):
+    """Measure GPU memory of notebook cells; catch and explain out-of-memory errors.
+
+    Settings kept with ``%config`` (or in an IPython profile)::
+
+        %config GpuMem.limit = "T4"        # every cell runs as on a T4
+        %config GpuMem.device = "cuda:1"
+        %config GpuMem.catch = False       # let OOM errors through
+    """
+
+    device = Unicode("auto", help="Device to measure: auto, simulated, cuda or cuda:N. auto is CUDA when usable.").tag(
+        config=True
+    )
+    limit = Unicode(
+        "", help="Capacity for every cell: a size (4GiB) or a card (T4, A100-40GB). Empty: the device's own."
+    ).tag(config=True)
+    catch = Bool(True, help="Catch out-of-memory errors in %%gpumem cells and give their memory back.").tag(config=True)
+    rollback = Bool(
+        True, help="After an OOM, remove the variables the failed cell created, so memory returns to baseline."
+    ).tag(config=True)
+    auto = Bool(False, help="Log every cell's delta and peak in one line (like %gpumem auto on).").tag(config=True)
+
+    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        super().__init__(shell=shell, **kwargs)  # sets self.shell
+        self._backends: dict[str, Backend] = {}
+        self._auto_measure: CellMeasure | None = None
+        self._hooks_on = False
+        self._apply_limit()
+
+    @property
+    def _ip(self) -> Any:
+        """The shell (never None once registered; typed loosely like IPython's own)."""
+        return self.shell
+
+    # -- settings ---------------------------------------------------------------
+    @validate("limit")
+    def _check_limit(self, proposal: Any) -> str:
+        value = str(proposal["value"]).strip()
+        if value and value.lower() not in ("none", "off"):
+            try:
+                parse_limit(value)
+            except ValueError as exc:
+                raise TraitError(str(exc)) from None
+        return value
+
+    @validate("device")
+    def _check_device(self, proposal: Any) -> str:
+        value = str(proposal["value"]).strip() or "auto"
+        try:
+            get_backend(value)
+        except ValueError as exc:
+            raise TraitError(str(exc)) from None
+        return value
+
+    @observe("limit", "device")
+    def _limit_changed(self, change: Any) -> None:
+        self._apply_limit()
+
+    @observe("auto")
+    def _auto_changed(self, change: Any) -> None:
+        self._set_hooks(bool(change["new"]))
+
+    def _parsed_limit(self) -> tuple[int | None, Card | None]:
+        value = self.limit.strip()
+        if not value or value.lower() in ("none", "off"):
+            return None, None
+        return parse_limit(value)
+
+    def _apply_limit(self) -> None:
+        nbytes, card = self._parsed_limit()
+        backend = self.backend()
+        if backend.kind == "simulated" or nbytes is not None or backend.current_limit()[0] is not None:
+            backend.limit(nbytes, card)
+
+    def backend(self, spec: str | None = None) -> Backend:
+        """The backend for ``spec`` (default: the configured device), kept across cells."""
+        key = (spec or self.device or "auto").strip().lower()
+        if key not in self._backends:
+            backend = get_backend(key)
+            for known in self._backends.values():
+                if known.kind == backend.kind and known.index == backend.index:
+                    backend = known
+                    break
+            self._backends[key] = backend
+        return self._backends[key]
+
+    def close(self) -> None:
+        """Undo what loading did: hooks off, simulated tracking stopped."""
+        self._set_hooks(False)
+        from .backends.simulated import device as simulated_device
+
+        if any(b.kind == "simulated" for b in self._backends.values()) and simulated_device.active:
+            simulated_device.capacity = None
+            simulated_device.card = None
+            simulated_device.stop()
+        self._backends.clear()
+
+    # -- %gpumem / %%gpumem -------------------------------------------------------
+    @magic_arguments.magic_arguments()
+    @magic_arguments.argument(
+        "command",
+        nargs="*",
+        help="Line magic only: status (default), reset, auto on|off, limit SIZE|CARD|off.",
+    )
+    @magic_arguments.argument("--device", "-d", default=None, help="auto, simulated, cuda or cuda:N.")
+    @magic_arguments.argument(
+        "--limit", "-l", default=None, help="Run the cell as on a device of this size (4GiB) or card (T4)."
+    )
+    @magic_arguments.argument(
+        "--no-catch", action="store_true", help="Show the report, then re-raise an out-of-memory error."
+    )
+    @magic_arguments.argument(
+        "--no-rollback",
+        action="store_true",
+        help="After an OOM, keep the variables the failed cell created.",
+    )
+    @magic_arguments.argument("--quiet", "-q", action="store_true", help="Record the report without showing it.")
+    @magic_arguments.argument(
+        "--batch-var", "-b", default=None, metavar="NAME", help="Record this variable's value in the report."
+    )
+    @magic_arguments.argument(
+        "--snapshot",
+        default=None,
+        metavar="PATH",
+        help="CUDA only: record allocator history and write a snapshot for pytorch.org/memory_viz.",
+    )
+    @line_cell_magic
+    def gpumem(self, line: str, cell: str | None = None) -> Any:
+        """Measure a cell's GPU memory; catch and explain out-of-memory errors.
+
+        As a cell magic, reports the allocation baseline, end, delta and peak of
+        the cell, reserved memory, capacity, free and duration.  An
+        out-of-memory error is caught: the memory the cell held is given back,
+        the kernel stays usable and the report says why it happened.
+
+        Without a GPU the simulated device counts every tensor exactly as the
+        CUDA caching allocator would and, with ``--limit``, raises a real
+        ``torch.OutOfMemoryError``.
+
+        Examples
+        --------
+        ::
+
+            In [1]: %load_ext oomnb
+
+            In [2]: %%gpumem --limit T4 --batch-var batch_size
+               ...: out = model(torch.randn(batch_size, 3, 224, 224))
+
+            In [3]: %gpumem                 # status of the device
+            In [4]: %gpumem auto on         # one line for every cell
+            In [5]: %gpumem limit 8GiB      # every cell runs as on an 8 GiB card
+            In [6]: %gpumem reset           # peak and history start again
+        """
+        __tracebackhide__ = True  # read by IPython's traceback printer
+        args = magic_arguments.parse_argstring(self.gpumem, line)
+        if cell is None:
+            return self._line(args)
+        if args.command:
+            raise UsageError(f"%%gpumem takes options only, not {' '.join(args.command)!r} (see %%gpumem?)")
+        try:
+            backend = self.backend(args.device)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        nbytes: int | None = None
+        card: Card | None = None
+        if args.limit is not None:
+            try:
+                nbytes, card = parse_limit(args.limit)
+            except ValueError as exc:
+                raise UsageError(f"--limit: {exc}") from None
+        if args.batch_var is not None and not args.batch_var.isidentifier():
+            raise UsageError(f"--batch-var: {args.batch_var!r} is not a variable name")
+        with limited(backend, nbytes, card):
+            return self._run(cell, line, backend, args)
+
+    def _line(self, args: Any) -> Any:
+        words = [w.lower() for w in args.command]
+        if not words or words == ["status"]:
+            backend = self._backend_or_usage(args.device)
+            display(status_bundle(backend), raw=True)
+            return None
+        if words == ["reset"]:
+            backend = self._backend_or_usage(args.device)
+            backend.reset_peak()
+            session.clear_history()
+            print(f"oomnb: peak reset to {format_bytes(backend.snapshot().allocated_bytes)}; history cleared.")
+            return None
+        if words[0] == "auto" and len(words) == 2 and words[1] in ("on", "off"):
+            self.auto = words[1] == "on"
+            print(f"oomnb: auto {'on: every cell is measured' if self.auto else 'off'}.")
+            return None
+        if words[0] == "limit" and len(words) == 2:
+            try:
+                self.limit = "" if words[1] in ("off", "none") else args.command[1]
+            except TraitError as exc:
+                raise UsageError(f"limit: {exc}") from None
+            backend = self.backend()
+            capacity = backend.capacity
+            print(
+                f"oomnb: {backend.name} limited to {format_bytes(capacity)}."
+                if capacity is not None
+                else f"oomnb: {backend.name} has no limit."
+            )
+            return None
+        raise UsageError(
+            f"unknown %gpumem command {' '.join(args.command)!r}: use status, reset, auto on|off or limit SIZE|off"
+        )
+
+    def _backend_or_usage(self, spec: str | None) -> Backend:
+        try:
+            return self.backend(spec)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+
+    def _compile(self, cell: str, line: str) -> tuple[Any, Any, str]:
+        """Compile the cell body so tracebacks name the notebook's own lines."""
+        shell = self._ip
+        transformed = shell.transform_cell(cell)
+        header = f"%%gpumem {line}".rstrip()
+        filename = shell.compile.cache(
+            header + "\n" + transformed, current_execution_count(shell) or 0, raw_code=header + "\n" + cell
+        )
+        tree = shell.compile.ast_parse(transformed, filename=filename)
+        ast.increment_lineno(tree, 1)
+        tree = shell.transform_ast(tree)
+        last = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            last = shell.compile(ast.Expression(tree.body.pop().value), filename, "eval")
+        body = shell.compile(tree, filename, "exec")
+        return body, last, filename
+
+    def _run(self, cell: str, line: str, backend: Backend, args: Any) -> Any:
+        __tracebackhide__ = True
+        shell = self._ip
+        try:
+            body, last, filename = self._compile(cell, line)
+        except SyntaxError as exc:
+            if exc.lineno is not None:
+                exc.lineno += 1
+            shell.showsyntaxerror()
+            return None
+        snapshot_path = args.snapshot
+        if snapshot_path is not None and backend.kind != "cuda":
+            print(
+                "oomnb: --snapshot records the CUDA allocator's history; the simulated device has no allocator "
+                "history to record. The cell runs without it.",
+                file=sys.stderr,
+            )
+            snapshot_path = None
+        if snapshot_path is not None:
+            from .backends.cuda import record_history
+
+            record_history(True)
+        number = current_execution_count(shell)
+        user_ns = shell.user_ns
+        # ids only: holding the values would keep rebound tensors alive.
+        ids_before = {name: id(value) for name, value in user_ns.items()}
+        catch = self.catch and not args.no_catch
+        measure = CellMeasure(backend)
+        failure: BaseException | None = None
+        value: Any = None
+        report: Report | None = None
+        try:
+            exec(body, shell.user_global_ns, user_ns)
+            if last is not None:
+                value = eval(last, shell.user_global_ns, user_ns)
+        except BaseException as exc:
+            measure.stop()
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)) or not is_oom_error(exc):
+                self._stop_snapshot(snapshot_path)
+                if isinstance(exc, Exception):
+                    show_from_cell_once(shell, filename)
+                raise
+            at_failure = backend.snapshot()
+            report, _ = oom_report(
+                measure,
+                exc,
+                at_failure,
+                number,
+                source=_first_line(cell),
+                batch_var=self._batch_var(args.batch_var),
+            )
+            if not catch:
+                self._stop_snapshot(snapshot_path)
+                self._publish(report, args.quiet)
+                raise
+            recovery.release_exception(exc)
+            failure = exc
+        finally:
+            measure.stop()
+        if failure is not None and report is not None:
+            del failure
+            if self.rollback and not args.no_rollback:
+                report.released_names = roll_back(user_ns, ids_before)
+            finish_recovery(report, backend)
+            self._stop_snapshot(snapshot_path)
+            self._publish(report, args.quiet)
+            return None
+        self._stop_snapshot(snapshot_path)
+        end = backend.snapshot()
+        report = measure.report(
+            number,
+            end,
+            end.peak_bytes,
+            source=_first_line(cell),
+            batch_var=self._batch_var(args.batch_var),
+        )
+        self._publish(report, args.quiet)
+        return value
+
+    def _stop_snapshot(self, path: str | None) -> None:
+        if path is None:
+            return
+        from .backends.cuda import record_history, write_snapshot
+
+        written = write_snapshot(path)
+        record_history(False)
+        print(f"oomnb: allocator snapshot written to {written} (open it at https://pytorch.org/memory_viz)")
+
+    def _batch_var(self, name: str | None) -> dict[str, Any] | None:
+        if name is None:
+            return None
+        value = self._ip.user_ns.get(name)
+        if not isinstance(value, (int, float, str, bool)) and value is not None:
+            value = repr(value)
+        return {"name": name, "value": value}
+
+    def _publish(self, report: Report, quiet: bool) -> None:
+        session.record(report)
+        if not quiet:
+            display(report.mime_bundle(), raw=True)
+
+    # -- %gpumem auto ---------------------------------------------------------------
+    def _set_hooks(self, on: bool) -> None:
+        events = self._ip.events
+        if on and not self._hooks_on:
+            events.register("pre_run_cell", self._pre_run_cell)
+            events.register("post_run_cell", self._post_run_cell)
+            self._hooks_on = True
+        elif not on and self._hooks_on:
+            for name, hook in (("pre_run_cell", self._pre_run_cell), ("post_run_cell", self._post_run_cell)):
+                if hook in events.callbacks[name]:
+                    events.unregister(name, hook)
+            self._hooks_on = False
+
+    @staticmethod
+    def _is_gpumem_cell(raw: str) -> bool:
+        return raw.lstrip().startswith("%%gpumem")
+
+    def _pre_run_cell(self, info: Any) -> None:
+        if self._is_gpumem_cell(getattr(info, "raw_cell", "") or ""):
+            self._auto_measure = None
+            return
+        self._auto_measure = CellMeasure(self.backend())
+
+    def _post_run_cell(self, result: Any) -> None:
+        measure, self._auto_measure = self._auto_measure, None
+        if measure is None:
+            return
+        measure.stop()
+        backend = measure.backend
+        raw = getattr(result.info, "raw_cell", "") or ""
+        number = result.execution_count
+        error = result.error_in_exec
+        if error is not None and is_oom_error(error):
+            at_failure = backend.snapshot()
+            report, _ = oom_report(measure, error, at_failure, number, source=_first_line(raw), batch_var=None)
+            recovery.release_exception(error)
+            del error
+            finish_recovery(report, backend)
+            session.record(report)
+            print(report.headline())
+            print("  " + (report.oom.diagnosis if report.oom else ""))
+            return
+        end = backend.snapshot()
+        report = measure.report(number, end, end.peak_bytes, source=_first_line(raw))
+        session.record(report)
+        print(report.headline())
+
+
+def holds_tensors(value: Any, depth: int = 2) -> bool:
+    """Whether ``value`` is a tensor, a module, or holds one within ``depth`` levels."""
+    import torch
+
+    if isinstance(value, (torch.Tensor, torch.nn.Module)):
+        return True
+    if depth <= 0 or isinstance(value, (str, bytes, int, float, bool, type)) or value is None:
+        return False
+    items: Any
+    if isinstance(value, dict):
+        items = value.values()
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = value
+    elif isinstance(getattr(value, "__dict__", None), dict) and not callable(value):
+        items = vars(value).values()
+    else:
+        return False
+    return any(holds_tensors(item, depth - 1) for _, item in zip(range(1000), items, strict=False))
+
+
+def roll_back(user_ns: dict[str, Any], ids_before: dict[str, int]) -> list[str]:
+    """Remove the names a failed cell bound (new or rebound) to tensor-holding values.
+
+    Their earlier values are gone already (the cell replaced them), so what
+    they hold now is the failed cell's partial work: a ``loss`` with its whole
+    autograd graph, a batch, a half-built output.  Plain values (a ``step``
+    counter) are left as the cell left them.
+    """
+    released = []
+    for name, value in list(user_ns.items()):
+        if _IPYTHON_NAMES.match(name) or ids_before.get(name) == id(value):
+            continue
+        if holds_tensors(value):
+            del user_ns[name]
+            released.append(name)
+    return sorted(released)
+
+
+def show_from_cell_once(shell: Any, filename: str) -> None:
+    """Make IPython print the next error as it would without the magic.
+
+    The traceback of an error raised inside ``%%gpumem`` also passes through
+    ``run_cell_magic`` and this module.  For the one error now propagating, a
+    one-shot handler starts the printed traceback at the cell's own code and
+    sets ``sys.last_*`` as IPython does, so ``%debug`` still works.
+    """
+    previous = (shell.custom_exceptions, shell.CustomTB)
+
+    def handler(sh: Any, etype: Any, value: Any, tb: Any, tb_offset: Any = None) -> Any:
+        sh.custom_exceptions, sh.CustomTB = previous
+        start = tb
+        while start is not None and start.tb_frame.f_code.co_filename != filename:
+            start = start.tb_next
+        start = start or tb
+        sys.last_type, sys.last_value, sys.last_traceback = etype, value, start
+        if sys.version_info >= (3, 12):
+            sys.last_exc = value
+        stb = sh.InteractiveTB.structured_traceback(etype, value, start, tb_offset=0)
+        # IPython 9 ignores a handler's return value, 8 shows it: show it here
+        # and return nothing, which both accept.
+        sh._showtraceback(etype, value, stb)
+
+    shell.set_custom_exc((Exception,), handler)
+
+
+def finish_recovery(report: Report, backend: Backend) -> None:
+    """Free what a failed cell held and put the figures after it in ``report``.
+
+    ``report`` was built at the moment of failure, so its ``end_bytes`` is what
+    was allocated then; the exception's frames must already be released.
+    """
+    at_failure = report.end_bytes
+    recovery.clear_last_traceback()
+    recovery.collect(done=lambda: backend.snapshot().allocated_bytes <= report.baseline_bytes)
+    backend.empty_cache()
+    after = backend.snapshot()
+    report.end_bytes = after.allocated_bytes
+    report.reserved_bytes = after.reserved_bytes
+    report.free_bytes = after.free_bytes
+    report.recovered_bytes = max(0, at_failure - after.allocated_bytes)
+
+
+def status_bundle(backend: Backend) -> dict[str, str]:
+    """``%gpumem`` status as a display bundle."""
+    import html
+
+    snap = backend.snapshot()
+    capacity = format_bytes(snap.capacity_bytes) if snap.capacity_bytes is not None else "no limit"
+    free = format_bytes(snap.free_bytes) if snap.free_bytes is not None else "unknown"
+    kind = "simulated on the CPU" if backend.kind == "simulated" else "CUDA"
+    text = (
+        f"{backend.name} ({kind}): allocated {format_bytes(snap.allocated_bytes)} · peak "
+        f"{format_bytes(snap.peak_bytes)} · reserved {format_bytes(snap.reserved_bytes)} · capacity {capacity}"
+        f" · free {free}"
+    )
+    return {"text/plain": text, "text/html": f"<code>{html.escape(text)}</code>"}

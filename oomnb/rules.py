@@ -1,0 +1,108 @@
+"""The first reading of an OOM, from the facts alone.
+
+Pure functions over plain data.  The advisor (a later stage) adds suggestions
+measured by dry runs; these rules say what the numbers already show.
+"""
+
+from __future__ import annotations
+
+from .report import OomInfo, Suggestion
+from .units import MiB, format_bytes
+
+__all__ = ["diagnose"]
+
+EXPANDABLE_CODE = (
+    "# Must be set before CUDA starts: first cell of the notebook, or restart the kernel.\n"
+    "import os\n"
+    'os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"'
+)
+
+
+def diagnose(
+    oom: OomInfo,
+    *,
+    baseline_bytes: int,
+    allocated_at_failure: int,
+    capacity_bytes: int | None,
+    simulated: bool,
+    batch_var: dict[str, object] | None = None,
+) -> tuple[str, list[Suggestion]]:
+    """A one-paragraph diagnosis and the suggestions that follow from the figures.
+
+    ``allocated_at_failure`` is what was allocated when the error was raised,
+    before recovery (the cell's partial work included).
+    """
+    requested = oom.requested_bytes or 0
+    capacity = capacity_bytes or oom.capacity_bytes
+    unallocated = oom.reserved_unallocated_bytes or 0
+    suggestions: list[Suggestion] = []
+    reasons: list[str] = []
+    cell_bytes = max(0, allocated_at_failure - baseline_bytes) + requested
+
+    if capacity and requested > capacity:
+        reasons.append(
+            f"One tensor of {format_bytes(requested)} is larger than the whole device "
+            f"({format_bytes(capacity)}): no amount of freeing helps; make that tensor smaller "
+            "(batch, sequence length, resolution)."
+        )
+        suggestions.append(
+            Suggestion(
+                kind="input_size",
+                title="Make the largest tensor smaller",
+                detail=f"A single allocation of {format_bytes(requested)} cannot fit a "
+                f"{format_bytes(capacity)} device.",
+                saves_bytes=None,
+                params={"requested_bytes": requested},
+            )
+        )
+    elif not simulated and unallocated >= max(requested, 64 * MiB) and unallocated > 0:
+        reasons.append(
+            f"{format_bytes(unallocated)} is reserved by PyTorch's cache but unallocated, enough for the "
+            f"{format_bytes(requested)} request: the cache is fragmented."
+        )
+        suggestions.append(
+            Suggestion(
+                kind="expandable_segments",
+                title="Let the allocator grow segments instead of fragmenting",
+                detail=f"{format_bytes(unallocated)} sits reserved but unused; expandable segments let PyTorch "
+                "reuse it for large requests.",
+                saves_bytes=unallocated,
+                params={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
+                code=EXPANDABLE_CODE,
+            )
+        )
+    if capacity and baseline_bytes > 0.5 * capacity:
+        reasons.append(
+            f"Before this cell ran, {format_bytes(baseline_bytes)} ({100 * baseline_bytes / capacity:.0f}% of the "
+            "device) was already allocated by earlier cells: what the notebook keeps alive is the first thing "
+            "to free (`%gpumem panel`)."
+        )
+    if capacity and cell_bytes and not reasons:
+        available = max(0, capacity - baseline_bytes)
+        reasons.append(
+            f"This cell needed at least {format_bytes(cell_bytes)} on top of a baseline of "
+            f"{format_bytes(baseline_bytes)}, but only {format_bytes(available)} was available."
+        )
+        value = batch_var.get("value") if batch_var else None
+        if batch_var is not None and isinstance(value, int) and not isinstance(value, bool) and value > 1:
+            # The cell did not finish, so it needed at least cell_bytes: scale
+            # the batch down by at least that ratio (an upper bound).
+            ceiling = max(1, int(value * available / cell_bytes))
+            # The figure is an upper bound: take the power of two below it.
+            guess = min(1 << (ceiling.bit_length() - 1), value - 1)
+            name = str(batch_var["name"])
+            suggestions.append(
+                Suggestion(
+                    kind="batch_size",
+                    title=f"Lower {name} to at most {guess}",
+                    detail=f"If memory grows with the batch, {name}={value} needs at least "
+                    f"{format_bytes(cell_bytes)}; {format_bytes(available)} is available. "
+                    "`%gpumem advise` measures the exact value by dry runs.",
+                    saves_bytes=None,
+                    params={"variable": name, "value": guess, "accumulation_steps": -(-value // guess)},
+                    code=f"{name} = {guess}",
+                )
+            )
+    if simulated and capacity:
+        reasons.append("(Simulated device: no GPU memory was used.)")
+    return " ".join(reasons), suggestions

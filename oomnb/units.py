@@ -1,0 +1,184 @@
+"""Byte sizes, named cards and the allocator's rounding rule.
+
+Pure functions over plain data: nothing here imports IPython or touches a
+device.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+__all__ = [
+    "CARDS",
+    "Card",
+    "format_bytes",
+    "format_size_like_torch",
+    "parse_limit",
+    "parse_size",
+    "round_allocation",
+]
+
+KiB = 1024
+MiB = 1024**2
+GiB = 1024**3
+TiB = 1024**4
+
+#: The CUDA caching allocator hands out blocks in multiples of 512 bytes
+#: (``kMinBlockSize`` in ``c10/cuda/CUDACachingAllocator.cpp``).
+BLOCK_ROUND = 512
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "ki": KiB,
+    "kib": KiB,
+    "mi": MiB,
+    "mib": MiB,
+    "gi": GiB,
+    "gib": GiB,
+    "ti": TiB,
+    "tib": TiB,
+}
+
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_size(text: str | int | float) -> int:
+    """Parse a byte size such as ``"4GiB"``, ``"512 MB"``, ``"1.5g"`` or ``4096``.
+
+    Decimal units (kB, MB, GB, TB) are powers of 1000 and binary units (KiB,
+    MiB, GiB, TiB) powers of 1024, as in the allocator's own messages.  A bare
+    ``G``/``M``/``K`` is read as the decimal unit.
+
+    Raises
+    ------
+    ValueError
+        With a one-line message when ``text`` is not a size.
+    """
+    if isinstance(text, bool):
+        raise ValueError(f"not a size: {text!r}")
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"a size cannot be negative: {text}")
+        return text
+    if isinstance(text, float):
+        if not math.isfinite(text) or text < 0:
+            raise ValueError(f"not a size: {text!r}")
+        return int(text)
+    match = _SIZE_RE.match(str(text))
+    if not match:
+        raise ValueError(f"not a size: {text!r} (try 4GiB, 512MB or a card name such as T4)")
+    number, unit = match.groups()
+    factor = _UNITS.get(unit.lower())
+    if factor is None:
+        raise ValueError(f"unknown unit {unit!r} in {text!r} (use B, KB, MB, GB, KiB, MiB or GiB)")
+    return int(float(number) * factor)
+
+
+def round_allocation(nbytes: int) -> int:
+    """Bytes the CUDA caching allocator counts as allocated for a request.
+
+    Requests round up to a multiple of 512 bytes; an empty storage takes none.
+    """
+    if nbytes <= 0:
+        return 0
+    return -(-nbytes // BLOCK_ROUND) * BLOCK_ROUND
+
+
+def format_bytes(nbytes: float, signed: bool = False) -> str:
+    """Human-readable binary size: ``4096 -> '4.00 KiB'``, ``-3 MiB -> '-3.00 MiB'``."""
+    sign = ""
+    if nbytes < 0:
+        sign = "-"
+    elif signed and nbytes > 0:
+        sign = "+"
+    value = abs(float(nbytes))
+    if value < KiB:
+        return f"{sign}{int(value)} B"
+    for unit, factor in (("KiB", KiB), ("MiB", MiB), ("GiB", GiB)):
+        if value < factor * 1024:
+            return f"{sign}{value / factor:.2f} {unit}"
+    return f"{sign}{value / TiB:.2f} TiB"
+
+
+def format_size_like_torch(nbytes: int) -> str:
+    """Format exactly as ``c10::CachingAllocator::format_size`` does in OOM messages."""
+    if nbytes <= 1024:
+        return f"{nbytes} bytes"
+    if nbytes <= 1048576:
+        return f"{nbytes / 1024:.2f} KiB"
+    if nbytes <= 1073741824:
+        return f"{nbytes / 1048576:.2f} MiB"
+    return f"{nbytes / 1073741824:.2f} GiB"
+
+
+@dataclass(frozen=True)
+class Card:
+    """A GPU model the simulated device can stand in for.
+
+    ``capacity_bytes`` is the total that ``torch.cuda.mem_get_info`` reports on
+    that card (what its OOM messages call "total capacity"), which is less
+    than the marketing figure: the driver keeps some memory back.
+    """
+
+    name: str
+    capacity_bytes: int
+    bf16: bool
+    description: str
+
+
+def _gib(value: float) -> int:
+    # Published OOM messages give two decimals of GiB; keep whole MiB.
+    return round(value * 1024) * MiB
+
+
+CARDS: dict[str, Card] = {
+    card.name.upper(): card
+    for card in (
+        Card("T4", _gib(14.75), False, "NVIDIA Tesla T4 16 GB (Colab, Kaggle)"),
+        Card("V100-16GB", _gib(15.77), False, "NVIDIA V100 16 GB"),
+        Card("V100-32GB", _gib(31.74), False, "NVIDIA V100 32 GB"),
+        Card("A10G", _gib(22.19), True, "NVIDIA A10G 24 GB (AWS g5)"),
+        Card("L4", _gib(22.05), True, "NVIDIA L4 24 GB"),
+        Card("RTX3090", _gib(23.69), True, "NVIDIA GeForce RTX 3090 24 GB"),
+        Card("RTX4090", _gib(23.64), True, "NVIDIA GeForce RTX 4090 24 GB"),
+        Card("A6000", _gib(47.53), True, "NVIDIA RTX A6000 48 GB"),
+        Card("A100-40GB", _gib(39.39), True, "NVIDIA A100 40 GB"),
+        Card("A100-80GB", _gib(79.15), True, "NVIDIA A100 80 GB"),
+        Card("H100", _gib(79.18), True, "NVIDIA H100 80 GB"),
+        Card("H200", _gib(139.81), True, "NVIDIA H200 141 GB"),
+    )
+}
+
+
+def lookup_card(name: str) -> Card | None:
+    """The named card, case-insensitive (``"a100-80gb"`` finds ``A100-80GB``)."""
+    return CARDS.get(name.strip().upper())
+
+
+def parse_limit(text: str | int) -> tuple[int, Card | None]:
+    """Parse ``--limit``: a size (``4GiB``) or a card name (``T4``).
+
+    Returns the capacity in bytes and the card, if one was named.
+    """
+    if isinstance(text, str):
+        card = lookup_card(text)
+        if card is not None:
+            return card.capacity_bytes, card
+        if text.strip() and text.strip()[0].isalpha():
+            known = ", ".join(c.name for c in CARDS.values())
+            raise ValueError(f"unknown card {text!r}; known cards: {known}")
+    nbytes = parse_size(text)
+    if nbytes <= 0:
+        raise ValueError(f"a limit must be larger than zero: {text!r}")
+    return nbytes, None

@@ -1,0 +1,82 @@
+"""Shared fixtures: a real IPython shell with oomnb loaded on the simulated device."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+
+import oomnb
+from oomnb import session
+from oomnb.backends.simulated import device as simulated_device
+
+
+def cuda_present() -> bool:
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    if cuda_present():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; this machine has none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def sim() -> Iterator[Any]:
+    """The simulated device, started and left as it was found."""
+    simulated_device.start()
+    capacity, card = simulated_device.capacity, simulated_device.card
+    try:
+        yield simulated_device
+    finally:
+        simulated_device.capacity, simulated_device.card = capacity, card
+        simulated_device.stop()
+
+
+class Shell:
+    """A real InteractiveShell with helpers that return what a cell showed."""
+
+    def __init__(self, ip: InteractiveShell) -> None:
+        self.ip = ip
+
+    @property
+    def ns(self) -> dict[str, Any]:
+        return self.ip.user_ns
+
+    def run(self, code: str) -> Any:
+        """Run a cell (stored in history, so it gets an execution count)."""
+        with capture_output() as captured:
+            result = self.ip.run_cell(code, store_history=True)
+        result.captured = captured
+        return result
+
+    def allocated(self) -> int:
+        return int(oomnb.status()["allocated_bytes"])
+
+
+@pytest.fixture
+def shell() -> Iterator[Shell]:
+    """oomnb loaded into a fresh-namespace InteractiveShell (simulated device)."""
+    ip = InteractiveShell.instance()
+    ip.reset(new_session=False)
+    ip.run_line_magic("colors", "nocolor")
+    ip.run_line_magic("load_ext", "oomnb")
+    ip.run_cell("import torch", store_history=False)
+    session.clear_history()
+    try:
+        yield Shell(ip)
+    finally:
+        ip.run_line_magic("unload_ext", "oomnb")
+        ip.reset(new_session=False)
+        for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+            import sys
+
+            if hasattr(sys, name):
+                delattr(sys, name)

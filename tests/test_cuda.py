@@ -1,0 +1,65 @@
+"""The CUDA backend against torch's own allocator figures (needs a GPU)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import oomnb
+from oomnb.backends import get_backend
+from oomnb.units import round_allocation
+
+pytestmark = pytest.mark.gpu
+MiB = 1024**2
+
+
+def test_loading_does_not_initialise_cuda() -> None:
+    # Runs first in its own process in CI on a GPU machine; here we only check
+    # that building the backend and reading it leaves CUDA alone.
+    if torch.cuda.is_initialized():
+        pytest.skip("CUDA was initialised by an earlier test in this process")
+    backend = get_backend("cuda")
+    backend.snapshot()
+    assert not torch.cuda.is_initialized()
+
+
+def test_snapshot_matches_torch() -> None:
+    backend = get_backend("cuda:0")
+    x = torch.empty(1024, device="cuda")
+    snap = backend.snapshot()
+    assert snap.allocated_bytes == torch.cuda.memory_allocated(0)
+    assert snap.reserved_bytes == torch.cuda.memory_reserved(0)
+    assert snap.capacity_bytes == torch.cuda.mem_get_info(0)[1]
+    del x
+
+
+@pytest.mark.parametrize("numel", [1, 10, 1024, 1000 * 1000, 3 * 1024 * 1024])
+def test_simulated_rounding_equals_cuda_allocator(numel: int) -> None:
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated(0)
+    t = torch.empty(numel, device="cuda")
+    assert torch.cuda.memory_allocated(0) - before == round_allocation(numel * 4)
+    del t
+
+
+def test_cell_magic_on_cuda_catches_a_real_oom(shell: Any) -> None:
+    shell.run("import torch")
+    result = shell.run(
+        "%%gpumem --device cuda --limit 1GiB\nx = torch.empty(2 * 1024**3, dtype=torch.uint8, device='cuda')"
+    )
+    assert result.success
+    report = oomnb.last_report()
+    assert report is not None and report.oom is not None
+    assert report.device.kind == "cuda"
+    assert report.oom.requested_bytes == 2 * 1024**3
+    assert report.end_bytes == report.baseline_bytes
+
+
+def test_peak_matches_max_memory_allocated(shell: Any) -> None:
+    shell.run("import torch")
+    shell.run("%%gpumem --device cuda\na = torch.empty(64 * 1024 * 1024, dtype=torch.uint8, device='cuda')\ndel a")
+    report = oomnb.last_report()
+    assert report is not None
+    assert report.peak_bytes - report.baseline_bytes == 64 * MiB

@@ -1,0 +1,233 @@
+"""%%gpumem and %gpumem in a real InteractiveShell on the simulated device."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import jsonschema
+import pytest
+
+import oomnb
+from oomnb.report import MIME_TYPE, load_schema
+
+MiB = 1024**2
+
+
+def outputs(result: Any) -> list[dict[str, Any]]:
+    return [o.data for o in result.captured.outputs]
+
+
+def report_bundles(result: Any) -> list[dict[str, Any]]:
+    return [data for data in outputs(result) if MIME_TYPE in data]
+
+
+def test_cell_delta_and_peak_are_exact(shell: Any) -> None:
+    result = shell.run("%%gpumem\nx = torch.randn(1024)\ntmp = torch.randn(2048)\ndel tmp")
+    assert result.success
+    report = oomnb.last_report()
+    assert report is not None
+    assert report.delta_bytes == 4096
+    assert report.peak_bytes - report.baseline_bytes == 4096 + 8192
+    assert report.device.kind == "simulated"
+    assert report.cell == result.execution_count
+    assert report.source == "x = torch.randn(1024)"
+    bundle = report_bundles(result)
+    assert len(bundle) == 1
+    assert {"text/plain", "text/html", MIME_TYPE} <= set(bundle[0])
+
+
+def test_last_expression_becomes_out(shell: Any) -> None:
+    result = shell.run("%%gpumem\n21 * 2")
+    assert result.result == 42
+    assert shell.ns["Out"][result.execution_count] == 42
+
+
+def test_report_json_matches_schema(shell: Any) -> None:
+    shell.run("batch_size = 32")
+    result = shell.run("%%gpumem --limit 4GiB --batch-var batch_size\nx = torch.zeros(batch_size, 1024)")
+    data = report_bundles(result)[0][MIME_TYPE]
+    jsonschema.validate(data, load_schema())
+    assert data["schema_version"] == 1
+    assert data["batch_var"] == {"name": "batch_size", "value": 32}
+    assert data["delta_bytes"] == 32 * 1024 * 4
+    assert data["device"]["capacity_bytes"] == 4 * 1024**3
+    json.dumps(data)  # plain JSON
+
+
+def test_oom_is_caught_and_recovered_to_baseline(shell: Any) -> None:
+    baseline = shell.allocated()
+    result = shell.run(
+        "%%gpumem --limit 64MiB\n"
+        "def forward(n):\n"
+        "    acts = []\n"
+        "    for _ in range(40):\n"
+        "        acts.append(torch.ones(n))\n"
+        "    return acts\n"
+        "partial = torch.ones(1024)\n"
+        "forward(1024 * 1024)"
+    )
+    assert result.success  # the kernel carries on: no error reached IPython
+    report = oomnb.last_report()
+    assert report is not None and report.oom is not None
+    assert report.oom.requested_bytes == 4 * MiB
+    assert report.oom.capacity_bytes == 64 * MiB
+    assert report.oom.free_bytes is not None and report.oom.free_bytes < 4 * MiB
+    assert report.oom.over_bytes == 4 * MiB - report.oom.free_bytes
+    assert report.end_bytes == baseline
+    assert shell.allocated() == baseline
+    assert report.recovered_bytes >= 60 * MiB  # the activations held by forward's frame
+    assert report.released_names == ["partial"]
+    assert "partial" not in shell.ns and "forward" in shell.ns
+    assert not hasattr(sys, "last_traceback")
+    assert "OUT OF MEMORY" in report_bundles(result)[0]["text/plain"]
+
+
+def test_rebound_loss_with_graph_is_released(shell: Any) -> None:
+    shell.run("lin = torch.nn.Linear(512, 512)\nloss = None\nstep = 0")
+    baseline = shell.allocated()
+    shell.run(
+        "%%gpumem --limit 8MiB\n"
+        "step += 1\n"
+        "loss = lin(torch.randn(1024, 512)).relu().sum()\n"
+        "more = torch.empty(10 * 1024 * 1024)"
+    )
+    report = oomnb.last_report()
+    assert report is not None and report.oom is not None
+    assert "loss" in report.released_names and "step" not in report.released_names
+    assert shell.ns["step"] == 1
+    assert shell.allocated() == baseline
+
+
+def test_fifty_oom_cycles_do_not_grow(shell: Any) -> None:
+    shell.run("keep = torch.ones(1024)")
+    start = shell.allocated()
+    for _ in range(50):
+        shell.run("%%gpumem --limit 16MiB --quiet\nx = torch.ones(1024 * 1024)\ny = torch.ones(8 * 1024 * 1024)")
+        assert oomnb.last_report().oom is not None  # type: ignore[union-attr]
+    assert shell.allocated() == start
+
+
+def test_no_catch_shows_report_then_raises(shell: Any) -> None:
+    result = shell.run("%%gpumem --limit 1MiB --no-catch\ntorch.empty(1024 * 1024)")
+    assert isinstance(result.error_in_exec, __import__("torch").OutOfMemoryError)
+    assert report_bundles(result)
+    assert oomnb.last_report().oom is not None  # type: ignore[union-attr]
+
+
+def test_quiet_records_without_display(shell: Any) -> None:
+    result = shell.run("%%gpumem --quiet\nx = torch.ones(1)")
+    assert report_bundles(result) == []
+    assert oomnb.last_report().delta_bytes == 512  # type: ignore[union-attr]
+
+
+def test_non_oom_error_looks_as_without_the_magic(shell: Any) -> None:
+    plain = shell.run("def f():\n    return 1 / 0\nf()")
+    magic = shell.run("%%gpumem\ndef f():\n    return 1 / 0\nf()")
+    assert isinstance(magic.error_in_exec, ZeroDivisionError)
+    plain_text = plain.captured.stdout
+    magic_text = magic.captured.stdout
+    assert "run_cell_magic" not in magic_text and "magics.py" not in magic_text
+    # same frames, same code; only the line numbers move by the %%gpumem line
+    assert magic_text.count("Cell In[") == plain_text.count("Cell In[") == 2
+    assert "ZeroDivisionError: division by zero" in magic_text.replace("\x1b[0m", "")
+    assert sys.last_type is ZeroDivisionError  # %debug still works
+
+
+def test_keyboard_interrupt_propagates(shell: Any) -> None:
+    result = shell.run("%%gpumem\nraise KeyboardInterrupt")
+    assert isinstance(result.error_in_exec, KeyboardInterrupt)
+
+
+def test_syntax_error_is_reported_normally(shell: Any) -> None:
+    result = shell.run("%%gpumem\nx = (\n")
+    assert "SyntaxError" in result.captured.stdout
+    assert oomnb.last_report() is None
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("--limt 3", "unrecognized arguments: --limt"),
+        ("--limit 4XB", "unknown unit 'XB'"),
+        ("--limit K80", "unknown card 'K80'"),
+        ("--device tpu", "unknown device 'tpu'"),
+        ("--batch-var 1x", "not a variable name"),
+    ],
+)
+def test_bad_options_are_one_line_usage_errors(shell: Any, line: str, message: str) -> None:
+    shell.ns.pop("ran", None)
+    result = shell.run(f"%%gpumem {line}\nran = True")
+    assert "ran" not in shell.ns  # the cell did not run
+    text = result.captured.stdout + result.captured.stderr
+    assert "UsageError" in text and message in text
+    assert "Traceback" not in text
+
+
+def test_snapshot_is_cuda_only(shell: Any) -> None:
+    result = shell.run("%%gpumem --snapshot /tmp/oomnb-snap.pickle\nx = torch.ones(4)")
+    assert "CUDA allocator" in result.captured.stderr
+    assert shell.ns["x"].sum().item() == 4
+
+
+def test_line_magic_status_reset_limit(shell: Any) -> None:
+    status = shell.run("%gpumem")
+    assert "simulated GPU (simulated on the CPU): allocated" in outputs(status)[0]["text/plain"]
+    shell.run("%gpumem limit T4")
+    assert oomnb.status()["capacity_bytes"] == oomnb.CARDS["T4"].capacity_bytes
+    shell.run("%gpumem limit off")
+    assert oomnb.status()["capacity_bytes"] is None
+    shell.run("big = torch.ones(1024 * 1024)\ndel big")
+    shell.run("%gpumem reset")
+    assert oomnb.status()["peak_bytes"] == oomnb.status()["allocated_bytes"]
+    bad = shell.run("%gpumem frobnicate")
+    assert "unknown %gpumem command" in bad.captured.stdout + bad.captured.stderr
+
+
+def test_config_limit_applies_to_every_cell(shell: Any) -> None:
+    shell.run('%config GpuMem.limit = "2MiB"')
+    result = shell.run("x = torch.ones(1024 * 1024)")  # no magic: a plain cell
+    assert isinstance(result.error_in_exec, __import__("torch").OutOfMemoryError)
+    shell.run('%config GpuMem.limit = ""')
+    assert shell.run("x = torch.ones(1024 * 1024)").success
+
+
+def test_auto_mode_logs_every_cell(shell: Any) -> None:
+    shell.run("%gpumem auto on")
+    result = shell.run("a = torch.ones(1024)")
+    assert "delta +4.00 KiB" in result.captured.stdout
+    report = oomnb.last_report()
+    assert report is not None and report.delta_bytes == 4096
+    oom = shell.run('%config GpuMem.limit = "1MiB"')
+    oom = shell.run("b = torch.ones(1024 * 1024)")
+    assert "OUT OF MEMORY" in oom.captured.stdout
+    assert not hasattr(sys, "last_traceback")  # recovery dropped what IPython kept
+    shell.run('%config GpuMem.limit = ""')
+    shell.run("%gpumem auto off")
+    assert "delta" not in shell.run("c = 1").captured.stdout
+
+
+def test_load_twice_unload_load_again(shell: Any) -> None:
+    ip = shell.ip
+    ip.run_line_magic("gpumem", "auto on")
+    hooks = (len(ip.events.callbacks["pre_run_cell"]), len(ip.events.callbacks["post_run_cell"]))
+    ip.run_line_magic("load_ext", "oomnb")  # already loaded: a no-op
+    assert (len(ip.events.callbacks["pre_run_cell"]), len(ip.events.callbacks["post_run_cell"])) == hooks
+    ip.run_line_magic("unload_ext", "oomnb")
+    assert (len(ip.events.callbacks["pre_run_cell"]), len(ip.events.callbacks["post_run_cell"])) == (
+        hooks[0] - 1,
+        hooks[1] - 1,
+    )
+    assert "gpumem" not in ip.magics_manager.magics["cell"]
+    ip.run_line_magic("load_ext", "oomnb")
+    assert shell.run("%%gpumem\nx = torch.ones(1024)").success
+    assert oomnb.last_report().delta_bytes == 4096  # type: ignore[union-attr]
+
+
+def test_html_escapes_user_strings(shell: Any) -> None:
+    shell.run("name = '<img src=x onerror=alert(1)>'")
+    result = shell.run("%%gpumem --batch-var name\nx = 1")
+    html = report_bundles(result)[0]["text/html"]
+    assert "<img" not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html
