@@ -79,8 +79,36 @@ def _factory_bytes(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     return numel * dtype.itemsize
 
 
+_OP_FACTS: dict[Any, tuple[bool, bool]] = {}
+
+
+_RESIZING = {"aten::resize_", "aten::resize_as_", "aten::set_", "aten::_resize_output_", "aten::resize_as_sparse_"}
+
+
+def _op_facts(func: Any) -> tuple[bool, bool]:
+    """(is a sized factory, may resize a storage in place), cached per op.
+
+    In-place ops such as ``add_`` never change a storage's size; ``out=``
+    variants and ``resize_``/``set_`` can.
+    """
+    facts = _OP_FACTS.get(func)
+    if facts is None:
+        try:
+            schema = func._schema
+            resizes = schema.name in _RESIZING or any(arg.is_out for arg in schema.arguments)
+        except Exception:
+            resizes = True
+        facts = (func in _SIZED_FACTORIES or func in _RANDINT, resizes)
+        _OP_FACTS[func] = facts
+    return facts
+
+
 class _TrackingMode(TorchDispatchMode):
-    """Sees every ATen op on this thread and registers the storages it touches."""
+    """Sees every ATen op on this thread and registers the storages it touches.
+
+    This runs once per operator call, so it is written for speed: one cached
+    lookup per op, and a dict membership test per tensor already known.
+    """
 
     def __init__(self, owner: SimulatedDevice) -> None:
         super().__init__()
@@ -100,14 +128,16 @@ class _TrackingMode(TorchDispatchMode):
             out = func(*args, **kwargs)
             owner.ignore(out)
             return out
-        if owner.capacity is not None:
+        factory, resizes = _OP_FACTS.get(func) or _op_facts(func)
+        if factory and owner.capacity is not None:
             planned = _factory_bytes(func, args, kwargs)
             if planned is not None:
                 owner.check_request(round_allocation(planned))
+        live = owner._live
         # Tensors made outside any op (torch.from_numpy, other threads, before
         # the device started) are registered the first time an op uses them.
         for arg in args:
-            if isinstance(arg, torch.Tensor):
+            if isinstance(arg, torch.Tensor) and id(arg.untyped_storage()) not in live:
                 owner.register(arg)
         try:
             out = func(*args, **kwargs)
@@ -117,10 +147,11 @@ class _TrackingMode(TorchDispatchMode):
             raise
         request = 0
         if isinstance(out, torch.Tensor):
-            request = owner.register(out, check=True)
+            if resizes or id(out.untyped_storage()) not in live:
+                request = owner.register(out, check=True)
         elif isinstance(out, (tuple, list)):
             for item in out:
-                if isinstance(item, torch.Tensor):
+                if isinstance(item, torch.Tensor) and (resizes or id(item.untyped_storage()) not in live):
                     request = owner.register(item, check=True)
                     if request < 0:
                         break
