@@ -23,10 +23,12 @@ __all__ = [
     "Report",
     "Suggestion",
     "__version__",
+    "census",
     "format_bytes",
     "history",
     "last_report",
     "load_ipython_extension",
+    "panel",
     "parse_size",
     "status",
     "unload_ipython_extension",
@@ -69,12 +71,52 @@ def unload_ipython_extension(ipython: Any) -> None:
 
 def status(device: str | None = None) -> dict[str, Any]:
     """The device's figures now, as plain data (bytes)."""
-    from .backends import get_backend
-
-    backend = _current_magics().backend(device) if _LOADED else get_backend(device)
+    backend = _backend(device)
     data = backend.snapshot().to_dict()
     data.update(kind=backend.kind, name=backend.name, index=backend.index)
     return data
+
+
+def _backend(device: str | None) -> Any:
+    from .backends import get_backend
+
+    return _current_magics().backend(device) if _LOADED else get_backend(device)
+
+
+def census(device: str | None = None) -> Any:
+    """Every tensor the notebook keeps alive, with names: a :class:`~oomnb.inventory.Census`.
+
+    In IPython this includes the output cache (``Out[n]``, ``_``) and the last
+    traceback; in a plain script, the ``__main__`` namespace.
+    """
+    from .cleanup import in_ipython, shell_census
+
+    backend = _backend(device)
+    shell = in_ipython()
+    if shell is not None:
+        return shell_census(shell, backend)
+    import __main__
+
+    from .inventory import last_tracebacks, take_census
+
+    variables = {k: v for k, v in vars(__main__).items() if not k.startswith("__")}
+    return take_census(
+        variables,
+        tracebacks=last_tracebacks(),
+        allocated_bytes=backend.snapshot().allocated_bytes,
+        device="cpu" if backend.kind == "simulated" else f"cuda:{backend.index}",
+    )
+
+
+def panel(device: str | None = None) -> Any:
+    """The cleanup panel (ipywidgets) for the running IPython shell."""
+    from .cleanup import in_ipython
+    from .memory_panel import MemoryPanel
+
+    shell = in_ipython()
+    if shell is None:
+        raise RuntimeError("oomnb.panel() needs IPython or Jupyter; use oomnb.census() in a script")
+    return MemoryPanel(shell, _backend(device))
 
 
 def untracked() -> Any:

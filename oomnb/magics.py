@@ -243,7 +243,7 @@ class GpuMem(Magics):
     @magic_arguments.argument(
         "command",
         nargs="*",
-        help="Line magic only: status (default), reset, auto on|off, limit SIZE|CARD|off.",
+        help="Line magic only: status (default), panel, census, reset, auto on|off, limit SIZE|CARD|off.",
     )
     @magic_arguments.argument("--device", "-d", default=None, help="auto, simulated, cuda or cuda:N.")
     @magic_arguments.argument(
@@ -292,7 +292,9 @@ class GpuMem(Magics):
             In [3]: %gpumem                 # status of the device
             In [4]: %gpumem auto on         # one line for every cell
             In [5]: %gpumem limit 8GiB      # every cell runs as on an 8 GiB card
-            In [6]: %gpumem reset           # peak and history start again
+            In [6]: %gpumem panel           # what the notebook holds; free it in one click
+            In [7]: %gpumem census          # the same, as text
+            In [8]: %gpumem reset           # peak and history start again
         """
         __tracebackhide__ = True  # read by IPython's traceback printer
         args = magic_arguments.parse_argstring(self.gpumem, line)
@@ -328,6 +330,17 @@ class GpuMem(Magics):
             session.clear_history()
             print(f"oomnb: peak reset to {format_bytes(backend.snapshot().allocated_bytes)}; history cleared.")
             return None
+        if words == ["panel"]:
+            from .memory_panel import MemoryPanel
+
+            display(MemoryPanel(self._ip, self._backend_or_usage(args.device)))
+            return None
+        if words == ["census"]:
+            from .cleanup import shell_census
+
+            census = shell_census(self._ip, self._backend_or_usage(args.device))
+            print(census_text(census))
+            return None
         if words[0] == "auto" and len(words) == 2 and words[1] in ("on", "off"):
             self.auto = words[1] == "on"
             print(f"oomnb: auto {'on: every cell is measured' if self.auto else 'off'}.")
@@ -346,7 +359,8 @@ class GpuMem(Magics):
             )
             return None
         raise UsageError(
-            f"unknown %gpumem command {' '.join(args.command)!r}: use status, reset, auto on|off or limit SIZE|off"
+            f"unknown %gpumem command {' '.join(args.command)!r}: use status, panel, census, reset, auto on|off "
+            "or limit SIZE|off"
         )
 
     def _backend_or_usage(self, spec: str | None) -> Backend:
@@ -601,6 +615,21 @@ def finish_recovery(report: Report, backend: Backend) -> None:
     report.reserved_bytes = after.reserved_bytes
     report.free_bytes = after.free_bytes
     report.recovered_bytes = max(0, at_failure - after.allocated_bytes)
+
+
+def census_text(census: Any, top: int = 20) -> str:
+    """The census as a few lines of text, biggest holders first."""
+    lines = [
+        f"{len(census.records)} storages reachable from the notebook: {format_bytes(census.device_bytes)}"
+        + (
+            f"; {format_bytes(census.unreachable_bytes)} allocated but not reachable"
+            if census.unreachable_bytes
+            else ""
+        )
+    ]
+    for root, nbytes in list(census.root_bytes().items())[:top]:
+        lines.append(f"  {format_bytes(nbytes):>11}  {root}")
+    return "\n".join(lines)
 
 
 def status_bundle(backend: Backend) -> dict[str, str]:

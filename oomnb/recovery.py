@@ -21,10 +21,21 @@ _LAST = ("last_type", "last_value", "last_traceback", "last_exc")
 
 
 def _clear_tb(tb: TracebackType | None) -> None:
-    if tb is not None:
-        # Frames still executing (the caller's own) refuse to clear; the rest
-        # drop their locals.
-        traceback.clear_frames(tb)
+    if tb is None:
+        return
+    # Frames still executing (the caller's own) refuse to clear; the rest
+    # drop their locals.
+    traceback.clear_frames(tb)
+    # On Python 3.11 and 3.12 a traceback printer that read frame.f_locals
+    # (IPython's does) left a dict snapshot on the frame, which clear() does
+    # not touch; reading f_locals again re-syncs it with the now empty frame.
+    # Python 3.13 keeps no snapshot (PEP 667).
+    if sys.version_info < (3, 13):
+        while tb is not None:
+            frame = tb.tb_frame
+            if frame.f_locals is not frame.f_globals:
+                _ = frame.f_locals
+            tb = tb.tb_next
 
 
 def release_exception(exc: BaseException | None) -> None:

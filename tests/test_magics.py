@@ -59,7 +59,7 @@ def test_report_json_matches_schema(shell: Any) -> None:
 def test_oom_is_caught_and_recovered_to_baseline(shell: Any) -> None:
     baseline = shell.allocated()
     result = shell.run(
-        "%%gpumem --limit 64MiB\n"
+        f"%%gpumem --limit {baseline + 64 * MiB}\n"
         "def forward(n):\n"
         "    acts = []\n"
         "    for _ in range(40):\n"
@@ -72,7 +72,7 @@ def test_oom_is_caught_and_recovered_to_baseline(shell: Any) -> None:
     report = oomnb.last_report()
     assert report is not None and report.oom is not None
     assert report.oom.requested_bytes == 4 * MiB
-    assert report.oom.capacity_bytes == 64 * MiB
+    assert report.oom.capacity_bytes == baseline + 64 * MiB
     assert report.oom.free_bytes is not None and report.oom.free_bytes < 4 * MiB
     assert report.oom.over_bytes == 4 * MiB - report.oom.free_bytes
     assert report.end_bytes == baseline
@@ -87,8 +87,9 @@ def test_oom_is_caught_and_recovered_to_baseline(shell: Any) -> None:
 def test_rebound_loss_with_graph_is_released(shell: Any) -> None:
     shell.run("lin = torch.nn.Linear(512, 512)\nloss = None\nstep = 0")
     baseline = shell.allocated()
+    # 8 MiB above what earlier tests left: the forward fits, the next tensor does not.
     shell.run(
-        "%%gpumem --limit 8MiB\n"
+        f"%%gpumem --limit {baseline + 8 * MiB}\n"
         "step += 1\n"
         "loss = lin(torch.randn(1024, 512)).relu().sum()\n"
         "more = torch.empty(10 * 1024 * 1024)"
@@ -103,8 +104,9 @@ def test_rebound_loss_with_graph_is_released(shell: Any) -> None:
 def test_fifty_oom_cycles_do_not_grow(shell: Any) -> None:
     shell.run("keep = torch.ones(1024)")
     start = shell.allocated()
+    limit = start + 16 * MiB
     for _ in range(50):
-        shell.run("%%gpumem --limit 16MiB --quiet\nx = torch.ones(1024 * 1024)\ny = torch.ones(8 * 1024 * 1024)")
+        shell.run(f"%%gpumem --limit {limit} --quiet\nx = torch.ones(1024 * 1024)\ny = torch.ones(8 * 1024 * 1024)")
         assert oomnb.last_report().oom is not None  # type: ignore[union-attr]
     assert shell.allocated() == start
 
