@@ -167,6 +167,7 @@ class GpuMem(Magics):
         super().__init__(shell=shell, **kwargs)  # sets self.shell
         self._backends: dict[str, Backend] = {}
         self._auto_measure: CellMeasure | None = None
+        self._last_cell: tuple[Any, Any, Backend] | None = None
         self._hooks_on = False
         self._apply_limit()
 
@@ -243,7 +244,7 @@ class GpuMem(Magics):
     @magic_arguments.argument(
         "command",
         nargs="*",
-        help="Line magic only: status (default), panel, census, reset, auto on|off, limit SIZE|CARD|off.",
+        help="Line magic only: status (default), panel, census, advise, reset, auto on|off, limit SIZE|CARD|off.",
     )
     @magic_arguments.argument("--device", "-d", default=None, help="auto, simulated, cuda or cuda:N.")
     @magic_arguments.argument(
@@ -258,6 +259,11 @@ class GpuMem(Magics):
         help="After an OOM, keep the variables the failed cell created.",
     )
     @magic_arguments.argument("--quiet", "-q", action="store_true", help="Record the report without showing it.")
+    @magic_arguments.argument(
+        "--dry-run",
+        action="store_true",
+        help="Do not run the cell: run it on fake tensors and report the memory it would need, with advice.",
+    )
     @magic_arguments.argument(
         "--batch-var", "-b", default=None, metavar="NAME", help="Record this variable's value in the report."
     )
@@ -294,6 +300,10 @@ class GpuMem(Magics):
             In [5]: %gpumem limit 8GiB      # every cell runs as on an 8 GiB card
             In [6]: %gpumem panel           # what the notebook holds; free it in one click
             In [7]: %gpumem census          # the same, as text
+            In [8]: %gpumem advise          # what would make the last measured cell fit
+
+            In [9]: %%gpumem --dry-run --limit T4 --batch-var batch_size
+               ...: train_step(batch_size)  # not run: measured on fake tensors
             In [8]: %gpumem reset           # peak and history start again
         """
         __tracebackhide__ = True  # read by IPython's traceback printer
@@ -335,6 +345,9 @@ class GpuMem(Magics):
 
             display(MemoryPanel(self._ip, self._backend_or_usage(args.device)))
             return None
+        if words == ["advise"]:
+            self._advise_last(args)
+            return None
         if words == ["census"]:
             from .cleanup import shell_census
 
@@ -359,8 +372,8 @@ class GpuMem(Magics):
             )
             return None
         raise UsageError(
-            f"unknown %gpumem command {' '.join(args.command)!r}: use status, panel, census, reset, auto on|off "
-            "or limit SIZE|off"
+            f"unknown %gpumem command {' '.join(args.command)!r}: use status, panel, census, advise, reset, "
+            "auto on|off or limit SIZE|off"
         )
 
     def _backend_or_usage(self, spec: str | None) -> Backend:
@@ -410,6 +423,9 @@ class GpuMem(Magics):
             record_history(True)
         number = current_execution_count(shell)
         user_ns = shell.user_ns
+        self._last_cell = (body, args, backend)
+        if args.dry_run:
+            return self._dry_run(body, cell, number, backend, args)
         # ids only: holding the values would keep rebound tensors alive.
         ids_before = {name: id(value) for name, value in user_ns.items()}
         catch = self.catch and not args.no_catch
@@ -451,6 +467,7 @@ class GpuMem(Magics):
                 report.released_names = roll_back(user_ns, ids_before)
             finish_recovery(report, backend)
             self._stop_snapshot(snapshot_path)
+            self._add_advice(report, body, backend)
             self._publish(report, args.quiet)
             return None
         self._stop_snapshot(snapshot_path)
@@ -464,6 +481,70 @@ class GpuMem(Magics):
         )
         self._publish(report, args.quiet)
         return value
+
+    def _cell_runner(self, body: Any) -> Any:
+        from .estimator import dry_run_cell
+
+        user_ns = self._ip.user_ns
+
+        def run(overrides: dict[str, Any], **options: Any) -> Any:
+            return dry_run_cell(body, user_ns, overrides=overrides, **options)
+
+        return run
+
+    def _add_advice(self, report: Report, body: Any, backend: Backend) -> None:
+        """Replace the first-reading suggestions with the advisor's ranked, measured ones."""
+        from .advisor import advise, describe
+        from .cleanup import shell_census
+
+        advice = advise(
+            report,
+            census=shell_census(self._ip, backend),
+            run_cell=self._cell_runner(body),
+            cell_names=set(body.co_names),
+            bf16=backend.supports_bf16(),
+        )
+        measured_kinds = {s.kind for s in advice.suggestions}
+        rules_left = [s for s in report.suggestions if s.kind not in measured_kinds]
+        report.suggestions = advice.suggestions + rules_left
+        if report.oom is not None:
+            extra = "; ".join(describe(advice))
+            if extra:
+                report.oom.diagnosis = (report.oom.diagnosis + " Advisor: " + extra + ".").strip()
+
+    def _dry_run(self, body: Any, cell: str, number: int | None, backend: Backend, args: Any) -> None:
+        from .estimator import DryRunError
+
+        measure = CellMeasure(backend)
+        try:
+            run = self._cell_runner(body)({})
+        except DryRunError as exc:
+            raise UsageError(f"--dry-run: {exc}") from None
+        measure.stop()
+        now = backend.snapshot()
+        growth = max(0, run.peak_bytes - run.start_bytes)
+        report = measure.report(
+            number,
+            now,
+            now.allocated_bytes + growth,
+            source=_first_line(cell),
+            batch_var=self._batch_var(args.batch_var),
+        )
+        report.end_bytes = now.allocated_bytes + max(0, run.end_bytes - run.start_bytes)
+        report.dry_run = True
+        self._add_advice(report, body, backend)
+        self._publish(report, args.quiet)
+
+    def _advise_last(self, args: Any) -> None:
+        last = getattr(self, "_last_cell", None)
+        report = session.last_report()
+        if last is None or report is None:
+            raise UsageError("%gpumem advise needs a cell measured with %%gpumem first")
+        body, _, backend = last
+        advised = Report.from_dict(report.to_dict())
+        advised.suggestions = []
+        self._add_advice(advised, body, backend)
+        display(advised.mime_bundle(), raw=True)
 
     def _stop_snapshot(self, path: str | None) -> None:
         if path is None:

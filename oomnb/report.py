@@ -119,6 +119,7 @@ class Report:
     released_names: list[str] = field(default_factory=list)
     suggestions: list[Suggestion] = field(default_factory=list)
     source: str = ""
+    dry_run: bool = False
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -150,6 +151,7 @@ class Report:
             "recovered_bytes",
             "released_names",
             "suggestions",
+            "dry_run",
         ]
         return {key: data[key] for key in order}
 
@@ -178,6 +180,7 @@ class Report:
             released_names=list(data.get("released_names", [])),
             suggestions=[Suggestion(**s) for s in data.get("suggestions", [])],
             source=data.get("source", ""),
+            dry_run=bool(data.get("dry_run", False)),
         )
 
     # -- renderings ---------------------------------------------------------
@@ -201,6 +204,8 @@ class Report:
 
     def to_text(self) -> str:
         lines = [f"oomnb · cell {self.cell if self.cell is not None else '-'} · {self.device_label()}"]
+        if self.dry_run:
+            lines[0] += " · DRY RUN (not executed; figures from fake tensors)"
         free = f" · free {format_bytes(self.free_bytes)}" if self.free_bytes is not None else ""
         lines.append(
             f"  baseline {format_bytes(self.baseline_bytes)} → end {format_bytes(self.end_bytes)}"
@@ -292,7 +297,9 @@ class Report:
             "border:1px solid #d1d5db;border-radius:6px;padding:6px 10px;max-width:860px'>",
             f"<div><b>GPU memory</b> · cell {esc(str(self.cell if self.cell is not None else '-'))} · "
             f"{esc(self.device.name)} <span style='background:{badge_color};color:white;border-radius:3px;"
-            f"padding:0 4px'>{badge}</span></div>",
+            f"padding:0 4px'>{badge}</span>"
+            + (" <b>dry run</b> (not executed; figures from fake tensors)" if self.dry_run else "")
+            + "</div>",
             bar,
             f"<table style='border-collapse:collapse'><tr>{cells}</tr></table>",
         ]

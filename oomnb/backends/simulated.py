@@ -130,7 +130,11 @@ class _TrackingMode(TorchDispatchMode):
             return out
         factory, resizes = _OP_FACTS.get(func) or _op_facts(func)
         if factory and owner.capacity is not None:
-            planned = _factory_bytes(func, args, kwargs)
+            device = kwargs.get("device")
+            # Factories for other devices (meta, inside dry runs) take nothing here.
+            planned = None
+            if device is None or torch.device(device).type == owner.track_device:
+                planned = _factory_bytes(func, args, kwargs)
             if planned is not None:
                 owner.check_request(round_allocation(planned))
         live = owner._live
@@ -173,7 +177,10 @@ class SimulatedDevice:
 
     name = "simulated"
 
-    def __init__(self) -> None:
+    def __init__(self, track_device: str = "cpu") -> None:
+        #: The device type whose storages count: "cpu" for the simulated GPU,
+        #: "meta" for dry runs on fake tensors.
+        self.track_device = track_device
         self.allocated = 0
         self.peak = 0
         self.capacity: int | None = None
@@ -193,12 +200,17 @@ class SimulatedDevice:
     def active(self) -> bool:
         return self._mode is not None
 
-    def start(self) -> None:
-        """Begin tracking (idempotent; nested starts are counted)."""
+    def start(self, scan: bool = True) -> None:
+        """Begin tracking (idempotent; nested starts are counted).
+
+        ``scan`` counts the tensors that already exist (found through the
+        garbage collector), as the simulated GPU must.
+        """
         self._users += 1
         if self._mode is not None:
             return
-        self._scan_existing()
+        if scan:
+            self._scan_existing()
         self._mode = _TrackingMode(self)
         self._mode.__enter__()
 
@@ -233,8 +245,8 @@ class SimulatedDevice:
             storage = tensor.untyped_storage()
         except (RuntimeError, NotImplementedError, TypeError):
             return None  # sparse, nested and other storage-less layouts
-        if storage.device.type != "cpu":
-            return None  # meta and fake tensors take no memory
+        if storage.device.type != self.track_device:
+            return None  # on the simulated GPU, meta and fake tensors take no memory
         return storage
 
     def register(self, tensor: torch.Tensor, check: bool = False) -> int:

@@ -1,0 +1,403 @@
+"""Which change makes the cell fit, with the memory each saves.
+
+Plain data in (a report, a census, a way to dry-run the cell), ranked
+suggestions out.  Savings come from dry runs on fake tensors (``dry-run``),
+from the census of live tensors (``measured``), or, where neither can say,
+from the figures of the error itself (``rule``).  A suggestion whose saving
+covers the cell's deficit ranks before those that do not; among those, the
+least intrusive change comes first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .estimator import BatchFit, DryRun, DryRunError, search_batch
+from .inventory import Census
+from .report import Report, Suggestion
+from .rules import EXPANDABLE_CODE
+from .units import format_bytes
+
+__all__ = ["Advice", "advise"]
+
+# Least intrusive first: what ranks a suggestion among those that fit.
+_PREFERENCE = [
+    "clear_output_cache",
+    "clear_traceback",
+    "free_references",
+    "no_grad",
+    "expandable_segments",
+    "batch_size",
+    "gradient_accumulation",
+    "mixed_precision",
+    "gradient_checkpointing",
+    "input_size",
+    "optimizer",
+    "quantization",
+    "sharding",
+    "device_map",
+]
+
+#: ``run(overrides, autocast=..., no_grad=..., checkpoint=...) -> DryRun`` for the cell.
+CellRunner = Callable[..., DryRun]
+
+
+@dataclass
+class Advice:
+    """The ranked suggestions and the figures they were ranked by."""
+
+    suggestions: list[Suggestion]
+    needed_bytes: int | None
+    budget_bytes: int | None
+    deficit_bytes: int | None
+    batch_fit: BatchFit | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _predicted(run: DryRun, baseline: int) -> int:
+    """Device peak if the cell ran for real: what the device holds plus the cell's own growth."""
+    return baseline + max(0, run.peak_bytes - run.start_bytes)
+
+
+def advise(
+    report: Report,
+    *,
+    census: Census | None = None,
+    run_cell: CellRunner | None = None,
+    cell_names: set[str] | None = None,
+    bf16: bool | None = None,
+    margin: float = 0.05,
+) -> Advice:
+    """Rank the changes that would make ``report``'s cell fit its device."""
+    capacity = report.device.capacity_bytes or (report.oom.capacity_bytes if report.oom else None)
+    baseline = report.baseline_bytes
+    budget = int(capacity * (1 - margin)) if capacity else None
+    notes: list[str] = []
+    suggestions: list[Suggestion] = []
+    as_is: DryRun | None = None
+    needed: int | None = None
+    if run_cell is not None:
+        try:
+            as_is = run_cell({})
+            needed = _predicted(as_is, baseline)
+        except DryRunError as exc:
+            notes.append(f"dry run not possible: {exc}")
+    if needed is None and report.oom is not None and report.oom.requested_bytes is not None:
+        # The cell did not finish: it needed at least this much.
+        needed = report.peak_bytes + report.oom.requested_bytes
+    deficit = (needed - budget) if needed is not None and budget is not None else None
+
+    if census is not None:
+        suggestions += _leak_suggestions(census, cell_names or set())
+    if run_cell is not None and as_is is not None and capacity:
+        fit = _batch_suggestions(report, run_cell, as_is, baseline, capacity, margin, suggestions, notes)
+    else:
+        fit = None
+    if run_cell is not None and as_is is not None:
+        suggestions += _what_if_suggestions(run_cell, as_is, bf16, notes)
+        suggestions += _weights_suggestions(as_is, capacity, margin)
+    if report.oom is not None and report.device.kind == "cuda":
+        unallocated = report.oom.reserved_unallocated_bytes or 0
+        if unallocated >= max(report.oom.requested_bytes or 0, 64 * 2**20):
+            suggestions.append(
+                Suggestion(
+                    kind="expandable_segments",
+                    title="Let the allocator grow segments instead of fragmenting",
+                    detail=f"{format_bytes(unallocated)} is reserved by PyTorch but unallocated.",
+                    saves_bytes=unallocated,
+                    params={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
+                    code=EXPANDABLE_CODE,
+                    source="rule",
+                )
+            )
+    ranked = _rank(suggestions, deficit)
+    return Advice(ranked, needed, budget, deficit, fit, notes)
+
+
+def _rank(suggestions: list[Suggestion], deficit: int | None) -> list[Suggestion]:
+    def key(s: Suggestion) -> tuple[int, int, int]:
+        fits = deficit is not None and s.saves_bytes is not None and s.saves_bytes >= deficit
+        if deficit is not None and deficit <= 0:
+            fits = True
+        return (0 if fits else 1, _PREFERENCE.index(s.kind), -(s.saves_bytes or 0))
+
+    # The same kind twice (two leaks): keep both, best first.
+    return sorted(suggestions, key=key)
+
+
+def _leak_suggestions(census: Census, cell_names: set[str]) -> list[Suggestion]:
+    found: list[Suggestion] = []
+    graphs: dict[str, list[int]] = {}
+    for record in census.records:
+        if record.graph_bytes and record.holder in ("variable", "container", "attribute"):
+            graphs.setdefault(record.root, []).append(record.graph_bytes)
+    for root, sizes in sorted(graphs.items(), key=lambda item: -sum(item[1])):
+        total = sum(sizes)
+        many = f"{len(sizes)} autograd graphs" if len(sizes) > 1 else "its autograd graph"
+        code = (
+            f"{root} = [t.detach() for t in {root}]  # or keep loss.item() instead of loss"
+            if len(sizes) > 1
+            else f"{root} = {root}.detach()  # or keep {root}.item()"
+        )
+        found.append(
+            Suggestion(
+                kind="free_references",
+                title=f"`{root}` keeps {many} alive ({format_bytes(total)})",
+                detail="A tensor that still has its grad_fn keeps every activation its backward would need.",
+                saves_bytes=total,
+                params={"names": [root], "action": "detach"},
+                code=code,
+                source="measured",
+            )
+        )
+    out_bytes = sum(r.nbytes for r in census.records if r.holder == "output_cache")
+    if out_bytes:
+        names = [r.path for r in census.records if r.holder == "output_cache"][:3]
+        found.append(
+            Suggestion(
+                kind="clear_output_cache",
+                title=f"{', '.join(names)} hold{'s' if len(names) == 1 else ''} {format_bytes(out_bytes)}",
+                detail="IPython keeps every displayed result in Out[n], _, __ and ___.",
+                saves_bytes=out_bytes,
+                params={"names": names},
+                code="%reset -f out",
+                source="measured",
+            )
+        )
+    tb_bytes = sum(r.nbytes for r in census.records if r.holder == "traceback")
+    if tb_bytes:
+        found.append(
+            Suggestion(
+                kind="clear_traceback",
+                title=f"The last traceback holds {format_bytes(tb_bytes)}",
+                detail="The frames of the last error keep their local tensors alive.",
+                saves_bytes=tb_bytes,
+                params={},
+                code="import sys\nsys.last_traceback = sys.last_value = sys.last_type = None",
+                source="measured",
+            )
+        )
+    root_sizes = census.root_bytes()
+    unused = [
+        (root, nbytes)
+        for root, nbytes in root_sizes.items()
+        if root not in cell_names
+        and root not in graphs
+        and not root.startswith(("Out[", "_", "<"))
+        and any(r.holder in ("variable", "container", "attribute") for r in census.records if r.root == root)
+    ]
+    for root, nbytes in unused[:3]:
+        held_elsewhere = all(r.also_held_by for r in census.records if r.root == root)
+        if nbytes and not held_elsewhere:
+            found.append(
+                Suggestion(
+                    kind="free_references",
+                    title=f"`{root}` holds {format_bytes(nbytes)} and this cell does not use it",
+                    detail="Delete it (or move it to the CPU) before running the cell.",
+                    saves_bytes=nbytes,
+                    params={"names": [root], "action": "del"},
+                    code=f"del {root}",
+                    source="measured",
+                )
+            )
+    return found
+
+
+def _batch_suggestions(
+    report: Report,
+    run_cell: CellRunner,
+    as_is: DryRun,
+    baseline: int,
+    capacity: int,
+    margin: float,
+    suggestions: list[Suggestion],
+    notes: list[str],
+) -> BatchFit | None:
+    var = report.batch_var
+    value = var.get("value") if var else None
+    if var is None or not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        return None
+    name = str(var["name"])
+
+    def run_at(b: int) -> DryRun:
+        run = run_cell({name: b})
+        run.batch_size = b
+        run.peak_bytes = _predicted(run, baseline)
+        return run
+
+    try:
+        fit = search_batch(run_at, value, int(capacity * (1 - margin)), capacity, margin)
+    except DryRunError as exc:
+        notes.append(f"batch search not possible: {exc}")
+        return None
+    current = _predicted(as_is, baseline)
+    if fit.max_batch >= value or fit.max_batch < 1:
+        return fit
+    saves = current - fit.verified_peak_bytes
+    steps = math.ceil(value / fit.max_batch)
+    suggestions.append(
+        Suggestion(
+            kind="batch_size",
+            title=f"Lower {name} from {value} to {fit.max_batch}",
+            detail=f"Dry runs: {name}={fit.max_batch} peaks at {format_bytes(fit.verified_peak_bytes)} of "
+            f"{format_bytes(capacity)} ({int(margin * 100)}% kept free); {name}={value} needs "
+            f"{format_bytes(current)}.",
+            saves_bytes=saves,
+            params={"variable": name, "value": fit.max_batch, "accumulation_steps": steps},
+            code=f"{name} = {fit.max_batch}",
+            source="dry-run",
+        )
+    )
+    micro = math.ceil(value / steps)
+    suggestions.append(
+        Suggestion(
+            kind="gradient_accumulation",
+            title=f"Keep the effective batch of {value}: {steps} steps of {micro}",
+            detail="Call backward on each micro-batch (loss / steps) and step the optimizer every "
+            f"{steps} micro-batches.",
+            saves_bytes=saves,
+            params={"variable": name, "value": micro, "accumulation_steps": steps},
+            code=(
+                f"{name} = {micro}\naccumulation_steps = {steps}\n"
+                "# in the loop: (loss / accumulation_steps).backward()\n"
+                "# and every accumulation_steps batches: opt.step(); opt.zero_grad(set_to_none=True)"
+            ),
+            source="dry-run",
+        )
+    )
+    return fit
+
+
+def _what_if_suggestions(run_cell: CellRunner, as_is: DryRun, bf16: bool | None, notes: list[str]) -> list[Suggestion]:
+    found = []
+    dtype = torch.bfloat16 if bf16 is not False else torch.float16
+    label = "bf16" if dtype is torch.bfloat16 else "fp16"
+    try:
+        mixed = run_cell({}, autocast=dtype)
+        saves = as_is.peak_bytes - mixed.peak_bytes
+        if saves > 0:
+            found.append(
+                Suggestion(
+                    kind="mixed_precision",
+                    title=f"Run the forward pass in {label} autocast",
+                    detail=(
+                        "This device supports bf16."
+                        if bf16
+                        else "This device has no bf16: fp16 with a GradScaler."
+                        if bf16 is False
+                        else "bf16 needs an Ampere or newer GPU; use fp16 with a GradScaler otherwise."
+                    ),
+                    saves_bytes=saves,
+                    params={"dtype": label},
+                    code=f'with torch.autocast("cuda", dtype={dtype}):\n    loss = ...  # the forward pass',
+                    source="dry-run",
+                )
+            )
+    except DryRunError as exc:
+        notes.append(f"{label} dry run: {exc}")
+    try:
+        ckpt = run_cell({}, checkpoint=True)
+        saves = as_is.peak_bytes - ckpt.peak_bytes
+        if saves > 0:
+            found.append(
+                Suggestion(
+                    kind="gradient_checkpointing",
+                    title="Checkpoint the model's repeated blocks",
+                    detail="Recompute each block's activations in backward instead of keeping them.",
+                    saves_bytes=saves,
+                    params={},
+                    code=(
+                        "from torch.utils.checkpoint import checkpoint\n"
+                        "# in forward: x = checkpoint(block, x, use_reentrant=False)\n"
+                        "# Hugging Face models: model.gradient_checkpointing_enable()"
+                    ),
+                    source="dry-run",
+                )
+            )
+    except DryRunError:
+        pass  # most models have no run of like blocks: nothing to suggest
+    if not as_is.gradients_bytes:
+        try:
+            quiet = run_cell({}, no_grad=True)
+            saves = as_is.peak_bytes - quiet.peak_bytes
+            if saves > 0:
+                found.append(
+                    Suggestion(
+                        kind="no_grad",
+                        title="This cell never calls backward: run it under torch.no_grad()",
+                        detail="Without no_grad every output keeps the activations its backward would need.",
+                        saves_bytes=saves,
+                        params={},
+                        code="with torch.no_grad():\n    ...  # the cell",
+                        source="dry-run",
+                    )
+                )
+        except DryRunError:
+            pass
+    return found
+
+
+def _weights_suggestions(as_is: DryRun, capacity: int | None, margin: float) -> list[Suggestion]:
+    fixed = as_is.parameters_bytes + as_is.gradients_bytes + as_is.optimizer_bytes
+    if not capacity or fixed <= capacity * (1 - margin) * 0.8:
+        return []
+    found = []
+    if as_is.optimizer_bytes:
+        saves = int(as_is.optimizer_bytes * 0.75)
+        found.append(
+            Suggestion(
+                kind="optimizer",
+                title="Use an 8-bit optimizer",
+                detail="8-bit Adam keeps its two moments in one byte each instead of four.",
+                saves_bytes=saves,
+                params={"optimizer": "bitsandbytes.optim.AdamW8bit"},
+                code="import bitsandbytes as bnb\nopt = bnb.optim.AdamW8bit(model.parameters(), lr=lr)",
+                source="rule",
+            )
+        )
+    found.append(
+        Suggestion(
+            kind="quantization",
+            title="Fine-tune a quantized model with adapters (QLoRA)",
+            detail="4-bit weights take an eighth of fp32; only small adapters get gradients and state.",
+            saves_bytes=int(as_is.parameters_bytes * 0.875 + as_is.gradients_bytes + as_is.optimizer_bytes) // 1,
+            params={"bits": 4},
+            code="# transformers + peft: BitsAndBytesConfig(load_in_4bit=True), then get_peft_model(...)",
+            source="rule",
+        )
+    )
+    gpus = max(2, math.ceil(fixed / (capacity * (1 - margin) * 0.8)))
+    per_gpu = math.ceil(fixed / gpus)
+    found.append(
+        Suggestion(
+            kind="sharding",
+            title=f"Shard parameters, gradients and optimizer state over {gpus} GPUs (FSDP / ZeRO-3)",
+            detail=f"{format_bytes(fixed)} of weights, gradients and state alone; {format_bytes(per_gpu)} per GPU "
+            f"over {gpus} GPUs.",
+            saves_bytes=fixed - per_gpu,
+            params={"gpus": gpus, "per_gpu_bytes": per_gpu},
+            code="from torch.distributed.fsdp import fully_shard\nfully_shard(model)  # under torchrun",
+            source="dry-run",
+        )
+    )
+    return found
+
+
+def describe(advice: Advice) -> list[str]:
+    """A few lines on what the ranking was based on."""
+    lines = []
+    if advice.needed_bytes is not None and advice.budget_bytes is not None:
+        lines.append(
+            f"needs {format_bytes(advice.needed_bytes)}, budget {format_bytes(advice.budget_bytes)}"
+            + (
+                f", short by {format_bytes(advice.deficit_bytes)}"
+                if advice.deficit_bytes and advice.deficit_bytes > 0
+                else ""
+            )
+        )
+    lines.extend(advice.notes)
+    return lines

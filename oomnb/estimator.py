@@ -1,0 +1,554 @@
+"""Dry runs: how much memory a step needs, measured on fake tensors.
+
+A dry run deep-copies the step's arguments (models, optimizers, tensors) into
+fake tensors with ``FakeCopyMode`` (the user's objects are never touched), runs
+the step under ``FakeTensorMode`` (shapes and dtypes, no storage), and counts
+every fake storage with the same tracker as the simulated GPU, rounded like the
+CUDA caching allocator.  So a dry run's peak is the peak the simulated device
+would measure for the same step, without using memory or raising an OOM.
+
+On top of single dry runs: the largest batch that fits (fit ``peak = fixed +
+per_sample x batch``, check the fit, solve, verify with one more dry run), and
+what-ifs (bf16 autocast, gradient checkpointing, ``torch.no_grad``).
+
+Plain data in and out; no IPython.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
+
+from .backends.simulated import SimulatedDevice
+from .backends.simulated import device as simulated_device
+
+__all__ = ["BatchFit", "DryRun", "DryRunError", "dry_run", "find_max_batch", "what_ifs"]
+
+# Optimizer state tensors per parameter, for the optimizers whose step cannot
+# run on fake tensors (it reads a step count with .item()).
+_STATE_TENSORS = {
+    "Adam": 2,
+    "AdamW": 2,
+    "NAdam": 3,
+    "RAdam": 2,
+    "Adamax": 2,
+    "SGD": 1,
+    "RMSprop": 1,
+    "Adagrad": 1,
+    "Adadelta": 2,
+    "ASGD": 2,
+    "Rprop": 2,
+}
+
+
+class DryRunError(RuntimeError):
+    """A step that cannot run on fake tensors (data-dependent ops, I/O, custom kernels)."""
+
+
+@dataclass
+class DryRun:
+    """Figures of one dry run, in bytes as the CUDA allocator would count them."""
+
+    batch_size: int | None
+    peak_bytes: int
+    start_bytes: int
+    end_bytes: int
+    parameters_bytes: int
+    gradients_bytes: int
+    optimizer_bytes: int
+    inputs_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def activations_bytes(self) -> int:
+        """Peak above what existed at the start: activations and temporaries."""
+        return max(0, self.peak_bytes - self.start_bytes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["activations_bytes"] = self.activations_bytes
+        return data
+
+
+@dataclass
+class BatchFit:
+    """The largest batch that fits, found by dry runs."""
+
+    capacity_bytes: int
+    margin: float
+    fixed_bytes: int
+    per_sample_bytes: float
+    max_batch: int
+    verified_peak_bytes: int
+    runs: list[DryRun]
+    fit_error: float
+    original_batch: int | None = None
+
+    @property
+    def budget_bytes(self) -> int:
+        return int(self.capacity_bytes * (1 - self.margin))
+
+    def accumulation_steps(self) -> int | None:
+        """Steps of gradient accumulation that keep the original effective batch."""
+        if not self.original_batch or not self.max_batch:
+            return None
+        return math.ceil(self.original_batch / self.max_batch)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["budget_bytes"] = self.budget_bytes
+        data["accumulation_steps"] = self.accumulation_steps()
+        return data
+
+
+# -- the fake world -------------------------------------------------------------------
+def _fake_copy(mode: FakeTensorMode, value: Any) -> Any:
+    with FakeCopyMode(mode):
+        return copy.deepcopy(value)
+
+
+def _resize_batch(mode: FakeTensorMode, value: Any, old: int | None, new: int | None, dim: int) -> Any:
+    """Fake tensors whose batch dimension is ``old`` get batch ``new`` (also inside lists, tuples, dicts)."""
+    if old is None or new is None or old == new:
+        return value
+    if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+        if value.dim() > dim and value.shape[dim] == old:
+            shape = list(value.shape)
+            shape[dim] = new
+            with mode:
+                return torch.empty(shape, dtype=value.dtype, device=value.device).requires_grad_(value.requires_grad)
+        return value
+    if isinstance(value, list):
+        return [_resize_batch(mode, v, old, new, dim) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_resize_batch(mode, v, old, new, dim) for v in value)
+    if isinstance(value, dict):
+        return {k: _resize_batch(mode, v, old, new, dim) for k, v in value.items()}
+    return value
+
+
+def _find_batch(value: Any, dim: int) -> int | None:
+    """The batch size of the first input tensor (not a parameter, not inside a module)."""
+    if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+        return int(value.shape[dim]) if value.dim() > dim else None
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            found = _find_batch(item, dim)
+            if found is not None:
+                return found
+    if isinstance(value, dict):
+        for item in value.values():
+            found = _find_batch(item, dim)
+            if found is not None:
+                return found
+    return None
+
+
+def _walk(value: Any) -> Iterator[Any]:
+    yield value
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _walk(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _walk(item)
+
+
+def _bytes_of(tensors: Iterator[torch.Tensor]) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[id(storage)] = -(-storage.nbytes() // 512) * 512
+    return sum(seen.values())
+
+
+def _state_tensors(opt: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+    for state in opt.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                yield value
+
+
+def _guard_optimizer_step(opt: torch.optim.Optimizer, notes: list[str]) -> None:
+    """Let an optimizer whose step reads data (``.item()``) still be dry-run.
+
+    Its state is created from its own ``_init_group`` where the step got that
+    far; whatever is missing is allocated per its kind, plus one temporary the
+    size of the largest parameter, as the update itself needs.
+    """
+    original = opt.step
+
+    @functools.wraps(original)
+    def step(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(*args, **kwargs)
+        except Exception as exc:
+            kind = type(opt).__name__
+            count = _STATE_TENSORS.get(kind)
+            if count is None:
+                raise DryRunError(f"{kind}.step cannot run on fake tensors ({type(exc).__name__})") from exc
+            largest = None
+            for group in opt.param_groups:
+                momentum = group.get("momentum", 1) if kind in ("SGD", "RMSprop") else 1
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    state = opt.state[p]
+                    have = sum(1 for v in state.values() if isinstance(v, torch.Tensor) and v.shape == p.shape)
+                    need = count if momentum else 0
+                    for i in range(have, need):
+                        state[f"_oomnb_state_{i}"] = torch.zeros_like(p)
+                    if largest is None or p.numel() > largest.numel():
+                        largest = p
+            if largest is not None:
+                temporary = torch.empty_like(largest)
+                del temporary
+            notes.append(f"{kind}.step reads its step count with .item(): its update was simulated")
+            return None
+
+    opt.step = step  # type: ignore[method-assign]
+
+
+def dry_run(
+    step: Callable[..., Any],
+    *args: Any,
+    batch_size: int | None = None,
+    batch_dim: int = 0,
+    autocast: torch.dtype | None = None,
+    no_grad: bool = False,
+    checkpoint: bool = False,
+    **kwargs: Any,
+) -> DryRun:
+    """Run ``step(*args, **kwargs)`` on fake copies of its arguments and measure its peak.
+
+    Parameters
+    ----------
+    step
+        A function that takes models, optimizers and tensors (a training or
+        evaluation step).
+    batch_size
+        Run with this batch size instead of the one the example tensors have:
+        every input tensor whose ``batch_dim`` equals the first input's batch
+        size is resized.
+    autocast
+        Run under ``torch.autocast`` with this dtype (bf16 or fp16).
+    no_grad
+        Run under ``torch.no_grad()``.
+    checkpoint
+        Wrap the model's repeated blocks in activation checkpointing.
+
+    Raises
+    ------
+    DryRunError
+        With one line saying why the step cannot run on fake tensors.
+    """
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    original_batch = _find_batch((args, kwargs), batch_dim)
+    # Real objects are copied, never touched; the simulated GPU must not see
+    # the copies (they are fake).
+    with simulated_device.untracked():
+        fake_args, fake_kwargs = _fake_copy(mode, (args, kwargs))
+        fake_args = _resize_batch(mode, fake_args, original_batch, batch_size, batch_dim)
+        fake_kwargs = _resize_batch(mode, fake_kwargs, original_batch, batch_size, batch_dim)
+    notes: list[str] = []
+    modules = [v for v in _walk((fake_args, fake_kwargs)) if isinstance(v, torch.nn.Module)]
+    optimizers = [v for v in _walk((fake_args, fake_kwargs)) if isinstance(v, torch.optim.Optimizer)]
+    for opt in optimizers:
+        _guard_optimizer_step(opt, notes)
+    if checkpoint:
+        wrapped = sum(_checkpoint_blocks(m) for m in modules)
+        if not wrapped:
+            raise DryRunError("no repeated blocks to checkpoint (a ModuleList or Sequential of like layers)")
+        notes.append(f"checkpointed {wrapped} blocks")
+    params = [p for m in modules for p in m.parameters()]
+    buffers = [b for m in modules for b in m.buffers()]
+    inputs = [
+        t
+        for t in _walk((fake_args, fake_kwargs))
+        if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter)
+    ]
+    tracker = SimulatedDevice(track_device="meta")
+    context = contextlib.ExitStack()
+    try:
+        with simulated_device.untracked(), mode:
+            tracker.start(scan=False)
+            for t in [*params, *buffers, *inputs]:
+                tracker.register(t)
+            for m in modules:
+                for p in m.parameters():
+                    if p.grad is not None:
+                        tracker.register(p.grad)
+            for opt in optimizers:
+                for t in _state_tensors(opt):
+                    tracker.register(t)
+            start = tracker.allocated
+            tracker.reset_peak()
+            if autocast is not None:
+                context.enter_context(torch.autocast("cpu", dtype=autocast))
+            if no_grad:
+                context.enter_context(torch.no_grad())
+            with context:
+                result = step(*fake_args, **fake_kwargs)
+            del result
+            end = tracker.allocated
+            peak = tracker.peak
+    except DryRunError:
+        raise
+    except Exception as exc:
+        raise DryRunError(_why(exc)) from exc
+    finally:
+        tracker.stop()
+    grads = _bytes_of(p.grad for p in params if p.grad is not None)
+    state = _bytes_of(t for opt in optimizers for t in _state_tensors(opt))
+    return DryRun(
+        batch_size=batch_size if batch_size is not None else original_batch,
+        peak_bytes=peak,
+        start_bytes=start,
+        end_bytes=end,
+        parameters_bytes=_bytes_of(iter(params)),
+        gradients_bytes=grads,
+        optimizer_bytes=state,
+        inputs_bytes=_bytes_of(iter(inputs)),
+        notes=notes,
+    )
+
+
+def _why(exc: BaseException) -> str:
+    name = type(exc).__name__
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if "DataDependent" in name or "data-dependent" in text or "item()" in text:
+        return f"the step reads tensor values (.item(), data-dependent shapes): {name}"
+    if isinstance(exc, OSError):
+        return f"the step does file or network I/O: {name}: {text[:120]}"
+    if "Unsupported" in name or "not implemented" in text.lower():
+        return f"an operation has no fake-tensor implementation (custom kernel?): {text[:120]}"
+    return f"{name}: {text[:160]}"
+
+
+def _checkpoint_blocks(module: torch.nn.Module) -> int:
+    """Wrap the biggest run of like blocks (a ModuleList or Sequential) in checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    best: list[torch.nn.Module] = []
+    for sub in module.modules():
+        if isinstance(sub, (torch.nn.ModuleList, torch.nn.Sequential)):
+            children = list(sub.children())
+            kinds = {type(c) for c in children}
+            size = sum(p.numel() for c in children for p in c.parameters())
+            if len(children) >= 2 and len(kinds) == 1 and size > sum(p.numel() for c in best for p in c.parameters()):
+                best = children
+    for block in best:
+        forward = block.forward
+
+        def checkpointed(*args: Any, _forward: Any = forward, **kwargs: Any) -> Any:
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        block.forward = checkpointed
+    return len(best)
+
+
+def search_batch(
+    run_at: Callable[[int], DryRun],
+    original: int | None,
+    budget_bytes: int,
+    capacity_bytes: int,
+    margin: float,
+    baseline_bytes: int = 0,
+) -> BatchFit:
+    """The largest batch ``b`` with ``run_at(b).peak_bytes <= budget_bytes``.
+
+    Three dry runs fit ``peak = fixed + per_sample x batch``; the solution is
+    then checked by dry runs and walked to the exact boundary (memory is a
+    staircase, not a line: 512-byte rounding, kernels that change algorithm).
+    """
+    base = original or 8
+    sizes = sorted({max(1, base // 4), max(2, base // 2), max(3, base)})
+    runs = [run_at(b) for b in sizes]
+    xs = [float(r.batch_size or b) for r, b in zip(runs, sizes, strict=True)]
+    ys = [float(r.peak_bytes) for r in runs]
+    n = len(xs)
+    mean_x, mean_y = sum(xs) / n, sum(ys) / n
+    var = sum((x - mean_x) ** 2 for x in xs) or 1.0
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var
+    fixed = mean_y - slope * mean_x
+    fit_error = max(abs(fixed + slope * x - y) / max(y, 1.0) for x, y in zip(xs, ys, strict=True))
+    guess = int(max(xs)) if slope <= 0 else max(0, int((budget_bytes - fixed) // slope))
+    peaks: dict[int, int] = {int(x): int(y) for x, y in zip(xs, ys, strict=True)}
+
+    def fits(b: int) -> bool:
+        if b < 1:
+            return True
+        if b not in peaks:
+            run = run_at(b)
+            runs.append(run)
+            peaks[b] = run.peak_bytes
+        return peaks[b] <= budget_bytes
+
+    if fits(guess):
+        low, high = guess, guess + max(1, guess // 50)
+        while fits(high):  # the line undershot: step up
+            low, high = high, high + max(1, high // 10)
+    else:
+        low, high = 0, guess
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    best = low
+    return BatchFit(
+        capacity_bytes=capacity_bytes,
+        margin=margin,
+        fixed_bytes=int(fixed) + baseline_bytes,
+        per_sample_bytes=slope,
+        max_batch=best,
+        verified_peak_bytes=(peaks.get(best, 0) + baseline_bytes) if best else 0,
+        runs=runs,
+        fit_error=fit_error,
+        original_batch=original,
+    )
+
+
+def find_max_batch(
+    step: Callable[..., Any],
+    *args: Any,
+    capacity_bytes: int,
+    margin: float = 0.05,
+    batch_dim: int = 0,
+    baseline_bytes: int = 0,
+    **kwargs: Any,
+) -> BatchFit:
+    """The largest batch whose dry-run peak fits ``capacity_bytes`` with ``margin`` to spare.
+
+    ``baseline_bytes`` is memory the device holds besides the step's own
+    arguments (other variables of the notebook).  The answer is verified by a
+    dry run at that batch and never exceeds the budget.
+    """
+    original = _find_batch((args, kwargs), batch_dim)
+    budget = int(capacity_bytes * (1 - margin)) - baseline_bytes
+
+    def run_at(b: int) -> DryRun:
+        return dry_run(step, *args, batch_size=b, batch_dim=batch_dim, **kwargs)
+
+    return search_batch(run_at, original, budget, capacity_bytes, margin, baseline_bytes)
+
+
+def dry_run_cell(
+    code: Any,
+    namespace: dict[str, Any],
+    *,
+    overrides: dict[str, Any] | None = None,
+    autocast: torch.dtype | None = None,
+    no_grad: bool = False,
+    checkpoint: bool = False,
+) -> DryRun:
+    """Run a notebook cell's compiled ``code`` on fake copies of the names it uses.
+
+    Models, optimizers, tensors and containers of them are copied to fake
+    tensors together (sharing is kept: an optimizer still points at its
+    model's parameters); other values are passed as they are, ``overrides``
+    (``{"batch_size": 64}``) replace values.  The user's namespace is not
+    changed.
+    """
+    names = set(code.co_names) | {n for const in code.co_consts if hasattr(const, "co_names") for n in const.co_names}
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    heavy = {n: namespace[n] for n in names if n in namespace and _holds_tensors(namespace[n])}
+    with simulated_device.untracked():
+        fake = _fake_copy(mode, heavy)
+    scope = dict(namespace)
+    scope.update(fake)
+    scope.update(overrides or {})
+    notes: list[str] = []
+    modules = [v for v in _walk(list(fake.values())) if isinstance(v, torch.nn.Module)]
+    optimizers = [v for v in _walk(list(fake.values())) if isinstance(v, torch.optim.Optimizer)]
+    for opt in optimizers:
+        _guard_optimizer_step(opt, notes)
+    if checkpoint:
+        wrapped = sum(_checkpoint_blocks(m) for m in modules)
+        if not wrapped:
+            raise DryRunError("no repeated blocks to checkpoint (a ModuleList or Sequential of like layers)")
+    params = [p for m in modules for p in m.parameters()]
+    buffers = [b for m in modules for b in m.buffers()]
+    tensors = [t for t in _walk(list(fake.values())) if isinstance(t, torch.Tensor)]
+    tracker = SimulatedDevice(track_device="meta")
+    context = contextlib.ExitStack()
+    try:
+        with simulated_device.untracked(), mode:
+            tracker.start(scan=False)
+            for t in [*params, *buffers, *tensors]:
+                tracker.register(t)
+            for p in params:
+                if p.grad is not None:
+                    tracker.register(p.grad)
+            for opt in optimizers:
+                for t in _state_tensors(opt):
+                    tracker.register(t)
+            start = tracker.allocated
+            tracker.reset_peak()
+            if autocast is not None:
+                context.enter_context(torch.autocast("cpu", dtype=autocast))
+            if no_grad:
+                context.enter_context(torch.no_grad())
+            with context:
+                exec(code, scope)  # noqa: S102 - the user's own cell, on fake copies
+            scope.clear()
+            end = tracker.allocated
+            peak = tracker.peak
+    except DryRunError:
+        raise
+    except Exception as exc:
+        raise DryRunError(_why(exc)) from exc
+    finally:
+        tracker.stop()
+    return DryRun(
+        batch_size=None,
+        peak_bytes=peak,
+        start_bytes=start,
+        end_bytes=end,
+        parameters_bytes=_bytes_of(iter(params)),
+        gradients_bytes=_bytes_of(p.grad for p in params if p.grad is not None),
+        optimizer_bytes=_bytes_of(t for opt in optimizers for t in _state_tensors(opt)),
+        inputs_bytes=0,
+        notes=notes,
+    )
+
+
+def _holds_tensors(value: Any, depth: int = 2) -> bool:
+    if isinstance(value, (torch.Tensor, torch.nn.Module, torch.optim.Optimizer)):
+        return True
+    if depth <= 0:
+        return False
+    if isinstance(value, dict):
+        return any(_holds_tensors(v, depth - 1) for v in list(value.values())[:100])
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensors(v, depth - 1) for v in value[:100])
+    return False
+
+
+def what_ifs(
+    step: Callable[..., Any],
+    *args: Any,
+    bf16_supported: bool | None = True,
+    batch_dim: int = 0,
+    **kwargs: Any,
+) -> dict[str, DryRun | str]:
+    """Dry runs of the step as it is and with each change; a string says why one could not run."""
+    results: dict[str, DryRun | str] = {}
+    variants: dict[str, dict[str, Any]] = {
+        "as is": {},
+        "bf16 autocast": {"autocast": torch.bfloat16},
+        "gradient checkpointing": {"checkpoint": True},
+        "no_grad": {"no_grad": True},
+    }
+    for name, options in variants.items():
+        try:
+            results[name] = dry_run(step, *args, batch_dim=batch_dim, **options, **kwargs)
+        except DryRunError as exc:
+            results[name] = str(exc)
+    return results

@@ -1,0 +1,123 @@
+"""Dry runs on fake tensors against the simulated device's real figures."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+
+from oomnb.backends.simulated import SimulatedDevice
+from oomnb.estimator import DryRunError, dry_run, find_max_batch, what_ifs
+
+from .models import classification_step, workloads
+
+WORKLOADS = workloads()
+
+
+def real_peak(model: torch.nn.Module, step: Any, inputs: tuple[torch.Tensor, ...]) -> tuple[int, int]:
+    """Peak and start of one real step on the simulated device, on copies."""
+    model = copy.deepcopy(model)
+    inputs = tuple(t.clone() for t in inputs)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    device = SimulatedDevice()
+    device.start(scan=False)  # counts only these copies, registered below
+    try:
+        for t in (*model.parameters(), *model.buffers(), *inputs):
+            device.register(t)
+        start = device.allocated
+        device.reset_peak()
+        step(model, opt, *inputs)
+        return device.peak, start
+    finally:
+        device.stop()
+
+
+LSTM_GAP = pytest.mark.xfail(
+    strict=True,
+    reason="on the CPU a real LSTM runs oneDNN's fused mkldnn_rnn_layer (with a workspace); on fake tensors "
+    "PyTorch takes the unfused path, so the peaks differ (about 39% here)",
+)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=LSTM_GAP) if n == "lstm" else n for n in WORKLOADS])
+def test_dry_run_peak_within_5_percent_of_real(name: str) -> None:
+    model, step, inputs = WORKLOADS[name]
+    real, start = real_peak(model, step, inputs)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    run = dry_run(step, model, opt, *inputs)
+    assert run.start_bytes == start
+    assert abs(run.peak_bytes - real) <= 0.05 * real, (name, run.peak_bytes, real)
+
+
+def test_users_objects_are_unchanged() -> None:
+    model, step, inputs = WORKLOADS["mlp"]
+    model = copy.deepcopy(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    classification_step(model, opt, *inputs)  # real state and real grads exist
+    model(inputs[0]).sum().backward()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
+    state = copy.deepcopy(opt.state_dict())
+    dry_run(step, model, opt, *inputs, batch_size=256)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, weights[key])
+        assert value.device.type == "cpu"
+    for p, g in zip(model.parameters(), grads, strict=True):
+        assert torch.equal(p.grad, g)  # type: ignore[arg-type]
+    after = opt.state_dict()
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(after["state"][index][key], value)
+
+
+def test_batch_size_changes_activations_linearly() -> None:
+    model, step, inputs = WORKLOADS["mlp"]
+    opt = torch.optim.AdamW(model.parameters())
+    small = dry_run(step, model, opt, *inputs, batch_size=32)
+    large = dry_run(step, model, opt, *inputs, batch_size=64)
+    double = dry_run(step, model, opt, *inputs, batch_size=128)
+    assert small.batch_size == 32
+    assert (double.peak_bytes - large.peak_bytes) == pytest.approx(2 * (large.peak_bytes - small.peak_bytes), rel=0.02)
+
+
+def test_find_max_batch_is_verified_and_never_above_the_budget() -> None:
+    model, step, inputs = WORKLOADS["mlp"]
+    opt = torch.optim.AdamW(model.parameters())
+    capacity = 24 * 1024**2
+    fit = find_max_batch(step, model, opt, *inputs, capacity_bytes=capacity, margin=0.05)
+    assert fit.max_batch > 64
+    assert fit.verified_peak_bytes <= capacity * 0.95
+    above = dry_run(step, model, opt, *inputs, batch_size=fit.max_batch + 1)
+    assert above.peak_bytes > capacity * 0.95
+    assert fit.fit_error < 0.02
+    assert fit.accumulation_steps() == 1
+    # ...and the real step at that batch fits the same capacity on the simulated device
+    x = torch.randn(fit.max_batch, 256)
+    y = torch.randint(0, 10, (fit.max_batch,))
+    real, _ = real_peak(model, step, (x, y))
+    assert real <= capacity * 0.95
+
+
+def test_what_ifs_bf16_and_checkpointing_save_memory() -> None:
+    model, step, inputs = WORKLOADS["gpt"]
+    opt = torch.optim.AdamW(model.parameters())
+    results = what_ifs(step, model, opt, *inputs)
+    base = results["as is"]
+    bf16 = results["bf16 autocast"]
+    ckpt = results["gradient checkpointing"]
+    assert not isinstance(base, str) and not isinstance(bf16, str) and not isinstance(ckpt, str)
+    assert bf16.peak_bytes < base.peak_bytes
+    assert ckpt.peak_bytes < base.peak_bytes
+    assert isinstance(results["no_grad"], str)  # backward cannot run under no_grad
+
+
+def test_data_dependent_step_says_why_in_one_line() -> None:
+    def step(model: torch.nn.Module, x: torch.Tensor) -> float:
+        return float(model(x).sum().item())
+
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(DryRunError, match=r"^the step reads tensor values") as info:
+        dry_run(step, model, torch.randn(2, 4))
+    assert "\n" not in str(info.value)
