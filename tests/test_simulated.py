@@ -120,9 +120,8 @@ def test_untracked_tensors_are_not_counted(sim: Any) -> None:
 
 
 def test_real_oom_with_cuda_shaped_message(sim: Any) -> None:
-    sim.capacity = 1 * MiB
-    base = sim.allocated
-    keep = torch.empty(256 * 1024 - (base // 4) - 128)  # nearly full
+    sim.capacity = sim.allocated + 1 * MiB
+    keep = torch.empty(256 * 1024 - 128)  # 1 MiB less 512 bytes: nearly full
     with pytest.raises(torch.OutOfMemoryError) as info:
         torch.empty(1024 * 1024)
     message = str(info.value)
@@ -131,8 +130,8 @@ def test_real_oom_with_cuda_shaped_message(sim: Any) -> None:
     facts = parse_oom_message(message)
     assert facts.kind == "simulated"
     assert facts.requested_bytes == 4 * MiB
-    assert facts.capacity_bytes == 1 * MiB
-    assert facts.free_bytes == 1 * MiB - sim.allocated
+    assert sim.last_oom == (4 * MiB, sim.allocated, sim.capacity)
+    assert sim.capacity - sim.allocated == 512
     del keep
 
 
