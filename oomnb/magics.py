@@ -382,8 +382,13 @@ class GpuMem(Magics):
         except ValueError as exc:
             raise UsageError(str(exc)) from None
 
-    def _compile(self, cell: str, line: str) -> tuple[Any, Any, str]:
-        """Compile the cell body so tracebacks name the notebook's own lines."""
+    def _compile(self, cell: str, line: str) -> tuple[Any, Any, str, Any]:
+        """Compile the cell so tracebacks name the notebook's own lines.
+
+        Returns the body without its last expression, that expression (its
+        value becomes ``Out[n]``), the file name, and the whole cell as one
+        code object (what dry runs execute).
+        """
         shell = self._ip
         transformed = shell.transform_cell(cell)
         header = f"%%gpumem {line}".rstrip()
@@ -393,17 +398,18 @@ class GpuMem(Magics):
         tree = shell.compile.ast_parse(transformed, filename=filename)
         ast.increment_lineno(tree, 1)
         tree = shell.transform_ast(tree)
+        whole = shell.compile(tree, filename, "exec")
         last = None
         if tree.body and isinstance(tree.body[-1], ast.Expr):
             last = shell.compile(ast.Expression(tree.body.pop().value), filename, "eval")
         body = shell.compile(tree, filename, "exec")
-        return body, last, filename
+        return body, last, filename, whole
 
     def _run(self, cell: str, line: str, backend: Backend, args: Any) -> Any:
         __tracebackhide__ = True
         shell = self._ip
         try:
-            body, last, filename = self._compile(cell, line)
+            body, last, filename, whole = self._compile(cell, line)
         except SyntaxError as exc:
             if exc.lineno is not None:
                 exc.lineno += 1
@@ -423,9 +429,9 @@ class GpuMem(Magics):
             record_history(True)
         number = current_execution_count(shell)
         user_ns = shell.user_ns
-        self._last_cell = (body, args, backend)
+        self._last_cell = (whole, args, backend)
         if args.dry_run:
-            return self._dry_run(body, cell, number, backend, args)
+            return self._dry_run(whole, cell, number, backend, args)
         # ids only: holding the values would keep rebound tensors alive.
         ids_before = {name: id(value) for name, value in user_ns.items()}
         catch = self.catch and not args.no_catch
@@ -467,7 +473,7 @@ class GpuMem(Magics):
                 report.released_names = roll_back(user_ns, ids_before)
             finish_recovery(report, backend)
             self._stop_snapshot(snapshot_path)
-            self._add_advice(report, body, backend)
+            self._add_advice(report, whole, backend)
             self._publish(report, args.quiet)
             return None
         self._stop_snapshot(snapshot_path)
