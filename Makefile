@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/python -m oomnb demo
+	$(BIN)/python -m oomnb profile example_notebooks/02_catching_an_oom.ipynb --limit 256MiB
 
 lint: $(STAMP)
 	$(BIN)/ruff check oomnb tests benchmarks
@@ -27,10 +28,17 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/python -m pytest -p no:cacheprovider tests
 
-test: lint typecheck unit
+# Cells whose output varies (durations, reports) are run, not compared; the
+# cells marked NBVAL_CHECK_OUTPUT carry the point and are compared.
+notebooks: $(STAMP)
+	MPLBACKEND=Agg $(BIN)/python -m pytest -p no:cacheprovider --nbval-lax \
+		--nbval-sanitize-with example_notebooks/sanitize.cfg example_notebooks
+
+test: lint typecheck unit notebooks
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_overhead.py
+	$(BIN)/python benchmarks/bench_census.py
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache

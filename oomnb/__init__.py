@@ -24,10 +24,12 @@ __all__ = [
     "Suggestion",
     "__version__",
     "census",
+    "estimate",
     "format_bytes",
     "history",
     "last_report",
     "load_ipython_extension",
+    "max_batch",
     "panel",
     "parse_size",
     "status",
@@ -117,6 +119,26 @@ def panel(device: str | None = None) -> Any:
     if shell is None:
         raise RuntimeError("oomnb.panel() needs IPython or Jupyter; use oomnb.census() in a script")
     return MemoryPanel(shell, _backend(device))
+
+
+def estimate(step: Any, *args: Any, **kwargs: Any) -> Any:
+    """Dry-run ``step(*args)`` on fake tensors: a :class:`~oomnb.estimator.DryRun` (no memory used).
+
+    Keyword arguments: ``batch_size``, ``batch_dim``, ``autocast`` (a dtype),
+    ``no_grad``, ``checkpoint``; the rest go to ``step``.
+    """
+    from .estimator import dry_run
+
+    return dry_run(step, *args, **kwargs)
+
+
+def max_batch(step: Any, *args: Any, limit: str | int, margin: float = 0.05, **kwargs: Any) -> Any:
+    """The largest batch for which ``step(*args)`` fits ``limit`` (a size or a card), by dry runs."""
+    from .estimator import find_max_batch
+    from .units import parse_limit
+
+    capacity, _ = parse_limit(limit)
+    return find_max_batch(step, *args, capacity_bytes=capacity, margin=margin, **kwargs)
 
 
 def untracked() -> Any:

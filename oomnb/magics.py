@@ -162,6 +162,9 @@ class GpuMem(Magics):
         True, help="After an OOM, remove the variables the failed cell created, so memory returns to baseline."
     ).tag(config=True)
     auto = Bool(False, help="Log every cell's delta and peak in one line (like %gpumem auto on).").tag(config=True)
+    auto_output = Unicode(
+        "line", help="What auto mode shows under each cell: 'line' (one line) or 'report' (the full report)."
+    ).tag(config=True)
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)  # sets self.shell
@@ -437,6 +440,7 @@ class GpuMem(Magics):
         catch = self.catch and not args.no_catch
         measure = CellMeasure(backend)
         failure: BaseException | None = None
+        in_backward = False
         value: Any = None
         report: Report | None = None
         try:
@@ -463,6 +467,7 @@ class GpuMem(Magics):
                 self._stop_snapshot(snapshot_path)
                 self._publish(report, args.quiet)
                 raise
+            in_backward = recovery.raised_in_backward(exc)
             recovery.release_exception(exc)
             failure = exc
         finally:
@@ -471,6 +476,8 @@ class GpuMem(Magics):
             del failure
             if self.rollback and not args.no_rollback:
                 report.released_names = roll_back(user_ns, ids_before)
+                if in_backward:
+                    report.released_names += drop_partial_gradients(user_ns, whole.co_names)
             finish_recovery(report, backend)
             self._stop_snapshot(snapshot_path)
             self._add_advice(report, whole, backend)
@@ -612,14 +619,20 @@ class GpuMem(Magics):
             recovery.release_exception(error)
             del error
             finish_recovery(report, backend)
-            session.record(report)
-            print(report.headline())
-            print("  " + (report.oom.diagnosis if report.oom else ""))
+            self._auto_publish(report)
             return
         end = backend.snapshot()
         report = measure.report(number, end, end.peak_bytes, source=_first_line(raw))
+        self._auto_publish(report)
+
+    def _auto_publish(self, report: Report) -> None:
+        if self.auto_output == "report":
+            self._publish(report, quiet=False)
+            return
         session.record(report)
         print(report.headline())
+        if report.oom is not None:
+            print("  " + report.oom.diagnosis)
 
 
 def holds_tensors(value: Any, depth: int = 2) -> bool:
@@ -658,6 +671,30 @@ def roll_back(user_ns: dict[str, Any], ids_before: dict[str, int]) -> list[str]:
             del user_ns[name]
             released.append(name)
     return sorted(released)
+
+
+def drop_partial_gradients(user_ns: dict[str, Any], names: Any) -> list[str]:
+    """After an OOM inside ``backward()``: drop the gradients it half wrote.
+
+    Backward had already accumulated into the layers it finished; those
+    gradients belong to no complete step.  The modules and optimizers the cell
+    names get ``zero_grad(set_to_none=True)``.
+    """
+    import torch
+
+    dropped = []
+    for name in dict.fromkeys(names):
+        value = user_ns.get(name)
+        if isinstance(value, (torch.nn.Module, torch.optim.Optimizer)):
+            params = (
+                value.parameters()
+                if isinstance(value, torch.nn.Module)
+                else (p for group in value.param_groups for p in group["params"])
+            )
+            if any(p.grad is not None for p in params):
+                value.zero_grad(set_to_none=True)
+                dropped.append(f"{name} (gradients)")
+    return dropped
 
 
 def show_from_cell_once(shell: Any, filename: str) -> None:

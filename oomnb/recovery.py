@@ -49,6 +49,17 @@ def release_exception(exc: BaseException | None) -> None:
         exc = chained
 
 
+def raised_in_backward(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised while autograd ran a backward pass."""
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name in ("_engine_run_backward", "backward") and "autograd" in code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def clear_last_traceback() -> bool:
     """Drop ``sys.last_*`` (what IPython keeps of the last error).  True if any was set."""
     held = False

@@ -233,3 +233,18 @@ def test_html_escapes_user_strings(shell: Any) -> None:
     html = report_bundles(result)[0]["text/html"]
     assert "<img" not in html
     assert "&lt;img src=x onerror=alert(1)&gt;" in html
+
+
+def test_oom_inside_backward_drops_the_partial_gradients(shell: Any) -> None:
+    shell.run(
+        "from torch import nn\n"
+        "model = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))"
+    )
+    baseline = shell.allocated()
+    # the forward fits; backward writes the last layer's gradients, then runs out
+    shell.run(f"%%gpumem --limit {baseline + 64 * MiB}\nloss = model(torch.randn(4096, 512)).sum()\nloss.backward()")
+    report = oomnb.last_report()
+    assert report is not None and report.oom is not None
+    assert "model (gradients)" in report.released_names
+    assert all(p.grad is None for p in shell.ns["model"].parameters())
+    assert shell.allocated() == baseline
