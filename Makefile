@@ -37,8 +37,10 @@ notebooks: $(STAMP)
 test: lint typecheck unit notebooks
 
 bench: $(STAMP)
+	$(PIP) install --quiet -c constraints.txt -e ".[test,bench]"
 	$(BIN)/python benchmarks/bench_overhead.py
 	$(BIN)/python benchmarks/bench_census.py
+	$(BIN)/python benchmarks/bench_batch_search.py
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache
