@@ -23,6 +23,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -93,7 +94,8 @@ def true_max(net: nn.Module, make: Callable[[int], Any], capacity: int) -> tuple
     while high - low > 1:
         mid = (low + high) // 2
         low, high = (mid, high) if real_fits(net, make, mid, capacity) else (low, mid)
-    assert real_fits(net, make, low, capacity) and not real_fits(net, make, low + 1, capacity)
+    assert real_fits(net, make, low, capacity)
+    assert not real_fits(net, make, low + 1, capacity)
     return low, time.perf_counter() - start
 
 
@@ -171,12 +173,13 @@ def main() -> None:
         truth, seconds = true_max(net, make, capacity)
         print(f"{name}: capacity {capacity // MiB} MiB, true max batch {truth} ({seconds:.1f} s of real steps)")
         start_batch = 1 << (4 * truth).bit_length()
-        for label, fn in (
-            ("oomnb (dry runs, margin 0)", lambda: by_oomnb(net, make, capacity, 0.0)),
-            ("oomnb (dry runs, margin 5%)", lambda: by_oomnb(net, make, capacity, 0.05)),
-            (f"accelerate (start {start_batch})", lambda: by_accelerate(net, make, capacity, start_batch)),
-            ("lightning binsearch", lambda: by_lightning(net, make, capacity)),
-        ):
+        methods: list[tuple[str, Callable[[], int]]] = [
+            ("oomnb (dry runs, margin 0)", partial(by_oomnb, net, make, capacity, 0.0)),
+            ("oomnb (dry runs, margin 5%)", partial(by_oomnb, net, make, capacity, 0.05)),
+            (f"accelerate (start {start_batch})", partial(by_accelerate, net, make, capacity, start_batch)),
+            ("lightning binsearch", partial(by_lightning, net, make, capacity)),
+        ]
+        for label, fn in methods:
             try:
                 found, ooms, wall = with_oom_count(fn)
                 rows.append((name, label, found, truth, ooms, wall))
