@@ -5,16 +5,27 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.installed
+LAB := oomnb/labextension/package.json
+export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test lint typecheck unit notebooks bench clean
+.PHONY: demo test lint typecheck unit notebooks jest lab bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -c constraints.txt -e ".[test]"
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(PIP) install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+# The JupyterLab sidebar: TypeScript in labextension/, built into
+# oomnb/labextension/ (what wheels ship) and linked into .venv. Needs Node.
+$(LAB): $(STAMP) $(wildcard labextension/src/*.ts) labextension/package.json labextension/yarn.lock labextension/style/index.css
+	cd labextension && jlpm install --immutable && jlpm build
+	$(BIN)/jupyter labextension develop --overwrite .
+	touch $(LAB)
+
+lab: $(LAB)
+
+demo: $(STAMP) $(LAB)
 	$(BIN)/python -m oomnb demo
 	$(BIN)/python -m oomnb profile example_notebooks/02_catching_an_oom.ipynb --limit 256MiB
 
@@ -25,8 +36,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+unit: $(STAMP) $(LAB)
 	$(BIN)/python -m pytest -p no:cacheprovider tests
+
+jest: $(LAB)
+	cd labextension && jlpm test
 
 # Cells whose output varies (durations, reports) are run, not compared; the
 # cells marked NBVAL_CHECK_OUTPUT carry the point and are compared.
@@ -34,7 +48,7 @@ notebooks: $(STAMP)
 	MPLBACKEND=Agg $(BIN)/python -m pytest -p no:cacheprovider --nbval-lax \
 		--nbval-sanitize-with example_notebooks/sanitize.cfg example_notebooks
 
-test: lint typecheck unit notebooks
+test: lint typecheck jest unit notebooks
 
 bench: $(STAMP)
 	$(PIP) install --quiet -c constraints.txt -e ".[test,bench]"
@@ -43,4 +57,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_batch_search.py
 
 clean:
-	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache oomnb/labextension labextension/lib labextension/node_modules

@@ -40,6 +40,11 @@ __all__ = [
 _LOADED: dict[int, Any] = {}
 
 
+def _jupyter_labextension_paths() -> list[dict[str, str]]:
+    """Where JupyterLab finds the prebuilt sidebar (``jupyter labextension develop``)."""
+    return [{"src": "labextension", "dest": "oomnb"}]
+
+
 def load_ipython_extension(ipython: Any) -> None:
     """Register ``%gpumem``/``%%gpumem`` and start the simulated device if no GPU is usable."""
     from .magics import GpuMem
