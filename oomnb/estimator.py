@@ -217,6 +217,79 @@ def _guard_optimizer_step(opt: torch.optim.Optimizer, notes: list[str]) -> None:
     opt.step = step  # type: ignore[method-assign]
 
 
+def _measure(
+    mode: FakeTensorMode,
+    roots: Any,
+    inputs: list[torch.Tensor],
+    run: Callable[[], Any],
+    *,
+    autocast: torch.dtype | None,
+    no_grad: bool,
+    checkpoint: bool,
+    batch_size: int | None = None,
+) -> DryRun:
+    """Run ``run()`` under ``mode`` and count the fake storages it allocates.
+
+    ``roots`` hold the fake copies (models, optimizers, tensors); what they
+    hold before the run is the start, and the peak is measured from there.
+    """
+    notes: list[str] = []
+    modules = [v for v in _walk(roots) if isinstance(v, torch.nn.Module)]
+    optimizers = [v for v in _walk(roots) if isinstance(v, torch.optim.Optimizer)]
+    for opt in optimizers:
+        _guard_optimizer_step(opt, notes)
+    if checkpoint:
+        wrapped = sum(_checkpoint_blocks(m) for m in modules)
+        if not wrapped:
+            raise DryRunError("no repeated blocks to checkpoint (a ModuleList or Sequential of like layers)")
+        notes.append(f"checkpointed {wrapped} blocks")
+    params = [p for m in modules for p in m.parameters()]
+    buffers = [b for m in modules for b in m.buffers()]
+    tracker = SimulatedDevice(track_device="meta")
+    context = contextlib.ExitStack()
+    try:
+        # The simulated GPU must not see the fake world (its factories would
+        # be checked against the real capacity).
+        with simulated_device.untracked(), mode:
+            tracker.start(scan=False)
+            for t in [*params, *buffers, *inputs]:
+                tracker.register(t)
+            for p in params:
+                if p.grad is not None:
+                    tracker.register(p.grad)
+            for opt in optimizers:
+                for t in _state_tensors(opt):
+                    tracker.register(t)
+            start = tracker.allocated
+            tracker.reset_peak()
+            if autocast is not None:
+                context.enter_context(torch.autocast("cpu", dtype=autocast))
+            if no_grad:
+                context.enter_context(torch.no_grad())
+            with context:
+                result = run()
+            del result
+            end = tracker.allocated
+            peak = tracker.peak
+    except DryRunError:
+        raise
+    except Exception as exc:
+        raise DryRunError(_why(exc)) from exc
+    finally:
+        tracker.stop()
+    return DryRun(
+        batch_size=batch_size,
+        peak_bytes=peak,
+        start_bytes=start,
+        end_bytes=end,
+        parameters_bytes=_bytes_of(iter(params)),
+        gradients_bytes=_bytes_of(p.grad for p in params if p.grad is not None),
+        optimizer_bytes=_bytes_of(t for opt in optimizers for t in _state_tensors(opt)),
+        inputs_bytes=_bytes_of(iter(inputs)),
+        notes=notes,
+    )
+
+
 def dry_run(
     step: Callable[..., Any],
     *args: Any,
@@ -258,66 +331,20 @@ def dry_run(
         fake_args, fake_kwargs = _fake_copy(mode, (args, kwargs))
         fake_args = _resize_batch(mode, fake_args, original_batch, batch_size, batch_dim)
         fake_kwargs = _resize_batch(mode, fake_kwargs, original_batch, batch_size, batch_dim)
-    notes: list[str] = []
-    modules = [v for v in _walk((fake_args, fake_kwargs)) if isinstance(v, torch.nn.Module)]
-    optimizers = [v for v in _walk((fake_args, fake_kwargs)) if isinstance(v, torch.optim.Optimizer)]
-    for opt in optimizers:
-        _guard_optimizer_step(opt, notes)
-    if checkpoint:
-        wrapped = sum(_checkpoint_blocks(m) for m in modules)
-        if not wrapped:
-            raise DryRunError("no repeated blocks to checkpoint (a ModuleList or Sequential of like layers)")
-        notes.append(f"checkpointed {wrapped} blocks")
-    params = [p for m in modules for p in m.parameters()]
-    buffers = [b for m in modules for b in m.buffers()]
     inputs = [
         t
         for t in _walk((fake_args, fake_kwargs))
         if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter)
     ]
-    tracker = SimulatedDevice(track_device="meta")
-    context = contextlib.ExitStack()
-    try:
-        with simulated_device.untracked(), mode:
-            tracker.start(scan=False)
-            for t in [*params, *buffers, *inputs]:
-                tracker.register(t)
-            for m in modules:
-                for p in m.parameters():
-                    if p.grad is not None:
-                        tracker.register(p.grad)
-            for opt in optimizers:
-                for t in _state_tensors(opt):
-                    tracker.register(t)
-            start = tracker.allocated
-            tracker.reset_peak()
-            if autocast is not None:
-                context.enter_context(torch.autocast("cpu", dtype=autocast))
-            if no_grad:
-                context.enter_context(torch.no_grad())
-            with context:
-                result = step(*fake_args, **fake_kwargs)
-            del result
-            end = tracker.allocated
-            peak = tracker.peak
-    except DryRunError:
-        raise
-    except Exception as exc:
-        raise DryRunError(_why(exc)) from exc
-    finally:
-        tracker.stop()
-    grads = _bytes_of(p.grad for p in params if p.grad is not None)
-    state = _bytes_of(t for opt in optimizers for t in _state_tensors(opt))
-    return DryRun(
+    return _measure(
+        mode,
+        (fake_args, fake_kwargs),
+        inputs,
+        lambda: step(*fake_args, **fake_kwargs),
+        autocast=autocast,
+        no_grad=no_grad,
+        checkpoint=checkpoint,
         batch_size=batch_size if batch_size is not None else original_batch,
-        peak_bytes=peak,
-        start_bytes=start,
-        end_bytes=end,
-        parameters_bytes=_bytes_of(iter(params)),
-        gradients_bytes=grads,
-        optimizer_bytes=state,
-        inputs_bytes=_bytes_of(iter(inputs)),
-        notes=notes,
     )
 
 
@@ -464,59 +491,16 @@ def dry_run_cell(
     scope = dict(namespace)
     scope.update(fake)
     scope.update(overrides or {})
-    notes: list[str] = []
-    modules = [v for v in _walk(list(fake.values())) if isinstance(v, torch.nn.Module)]
-    optimizers = [v for v in _walk(list(fake.values())) if isinstance(v, torch.optim.Optimizer)]
-    for opt in optimizers:
-        _guard_optimizer_step(opt, notes)
-    if checkpoint:
-        wrapped = sum(_checkpoint_blocks(m) for m in modules)
-        if not wrapped:
-            raise DryRunError("no repeated blocks to checkpoint (a ModuleList or Sequential of like layers)")
-    params = [p for m in modules for p in m.parameters()]
-    buffers = [b for m in modules for b in m.buffers()]
-    tensors = [t for t in _walk(list(fake.values())) if isinstance(t, torch.Tensor)]
-    tracker = SimulatedDevice(track_device="meta")
-    context = contextlib.ExitStack()
-    try:
-        with simulated_device.untracked(), mode:
-            tracker.start(scan=False)
-            for t in [*params, *buffers, *tensors]:
-                tracker.register(t)
-            for p in params:
-                if p.grad is not None:
-                    tracker.register(p.grad)
-            for opt in optimizers:
-                for t in _state_tensors(opt):
-                    tracker.register(t)
-            start = tracker.allocated
-            tracker.reset_peak()
-            if autocast is not None:
-                context.enter_context(torch.autocast("cpu", dtype=autocast))
-            if no_grad:
-                context.enter_context(torch.no_grad())
-            with context:
-                exec(code, scope)  # noqa: S102 - the user's own cell, on fake copies
+    roots = list(fake.values())
+    tensors = [t for t in _walk(roots) if isinstance(t, torch.Tensor)]
+
+    def run() -> None:
+        try:
+            exec(code, scope)  # noqa: S102 - the user's own cell, on fake copies
+        finally:
             scope.clear()
-            end = tracker.allocated
-            peak = tracker.peak
-    except DryRunError:
-        raise
-    except Exception as exc:
-        raise DryRunError(_why(exc)) from exc
-    finally:
-        tracker.stop()
-    return DryRun(
-        batch_size=None,
-        peak_bytes=peak,
-        start_bytes=start,
-        end_bytes=end,
-        parameters_bytes=_bytes_of(iter(params)),
-        gradients_bytes=_bytes_of(p.grad for p in params if p.grad is not None),
-        optimizer_bytes=_bytes_of(t for opt in optimizers for t in _state_tensors(opt)),
-        inputs_bytes=0,
-        notes=notes,
-    )
+
+    return _measure(mode, roots, tensors, run, autocast=autocast, no_grad=no_grad, checkpoint=checkpoint)
 
 
 def _holds_tensors(value: Any, depth: int = 2) -> bool:
