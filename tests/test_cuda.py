@@ -63,3 +63,31 @@ def test_peak_matches_max_memory_allocated(shell: Any) -> None:
     report = oomnb.last_report()
     assert report is not None
     assert report.peak_bytes - report.baseline_bytes == 64 * MiB
+
+
+def test_dry_run_within_10_percent_of_cuda_peak() -> None:
+    """The dry run (fake CPU tensors, CUDA accounting) against the real CUDA peak."""
+    import copy
+
+    from oomnb.estimator import dry_run
+
+    from .models import workloads
+
+    for name, (model, step, inputs) in workloads().items():
+        if name == "lstm":
+            continue  # cuDNN's LSTM keeps a reserve space the CPU path does not have
+        real_model = copy.deepcopy(model).cuda()
+        opt = torch.optim.AdamW(real_model.parameters(), lr=1e-3)
+        real_inputs = tuple(t.cuda() for t in inputs)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        step(real_model, opt, *real_inputs)
+        torch.cuda.synchronize()
+        real = torch.cuda.max_memory_allocated() - start
+        fake_opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        run = dry_run(step, model, fake_opt, *inputs)
+        dry = run.peak_bytes - run.start_bytes
+        assert abs(dry - real) <= 0.10 * real, (name, dry, real)
+        del real_model, opt, real_inputs
+        torch.cuda.empty_cache()
