@@ -217,6 +217,47 @@ def _guard_optimizer_step(opt: torch.optim.Optimizer, notes: list[str]) -> None:
     opt.step = step  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def _fake_values(notes: list[str]) -> Iterator[None]:
+    """Let fake tensors answer ``.item()`` (with 1) for the dry run's duration.
+
+    Training cells log ``loss.item()``; Adam reads its step count the same
+    way.  The value does not change how much memory the step takes, so the dry
+    run goes on and says so.  Real tensors answer as usual.
+    """
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    names = ("item", "__float__", "__int__", "__index__", "__bool__")
+    originals = {name: getattr(torch.Tensor, name) for name in names}
+    convert: dict[str, Callable[[Any], Any]] = {
+        "item": lambda v: v,
+        "__float__": float,
+        "__int__": int,
+        "__index__": int,
+        "__bool__": bool,
+    }
+
+    def patched(name: str) -> Any:
+        original = originals[name]
+
+        def method(self: torch.Tensor) -> Any:
+            if not isinstance(self, FakeTensor):
+                return original(self)
+            if not any(n.startswith("values read with .item()") for n in notes):
+                notes.append("values read with .item() were taken as 1 in the dry run")
+            return convert[name](False if self.dtype == torch.bool else 1)
+
+        return method
+
+    for name in names:
+        setattr(torch.Tensor, name, patched(name))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
 def _measure(
     mode: FakeTensorMode,
     roots: Any,
@@ -266,6 +307,7 @@ def _measure(
                 context.enter_context(torch.autocast("cpu", dtype=autocast))
             if no_grad:
                 context.enter_context(torch.no_grad())
+            context.enter_context(_fake_values(notes))
             with context:
                 result = run()
             del result
@@ -351,7 +393,7 @@ def dry_run(
 def _why(exc: BaseException) -> str:
     name = type(exc).__name__
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if "DataDependent" in name or "data-dependent" in text or "item()" in text:
+    if "DataDependent" in name or "DynamicOutputShape" in name or "data-dependent" in text or "item()" in text:
         return f"the step reads tensor values (.item(), data-dependent shapes): {name}"
     if isinstance(exc, OSError):
         return f"the step does file or network I/O: {name}: {text[:120]}"

@@ -113,9 +113,32 @@ def test_what_ifs_bf16_and_checkpointing_save_memory() -> None:
     assert isinstance(results["no_grad"], str)  # backward cannot run under no_grad
 
 
+def test_logging_item_does_not_stop_a_dry_run() -> None:
+    model, step, inputs = WORKLOADS["mlp"]
+    opt = torch.optim.AdamW(model.parameters())
+
+    def logged(*args: Any) -> None:
+        step(*args)
+        print(f"loss {float(torch.ones(1).sum()):.3f}")  # real tensors answer as usual
+
+    def with_item(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return float(loss.item())
+
+    plain = dry_run(step, model, opt, *inputs)
+    run = dry_run(with_item, model, opt, *inputs)
+    assert run.notes == ["values read with .item() were taken as 1 in the dry run"]
+    assert run.peak_bytes == plain.peak_bytes
+    assert dry_run(logged, model, opt, *inputs).peak_bytes == plain.peak_bytes
+    assert torch.ones(1).item() == 1.0
+
+
 def test_data_dependent_step_says_why_in_one_line() -> None:
-    def step(model: torch.nn.Module, x: torch.Tensor) -> float:
-        return float(model(x).sum().item())
+    def step(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out = model(x)
+        return out[out > 0].sum()  # the shape depends on the values
 
     model = torch.nn.Linear(4, 4)
     with pytest.raises(DryRunError, match=r"^the step reads tensor values") as info:
