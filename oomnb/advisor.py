@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -44,6 +45,8 @@ _PREFERENCE = [
 
 #: ``run(overrides, autocast=..., no_grad=..., checkpoint=...) -> DryRun`` for the cell.
 CellRunner = Callable[..., DryRun]
+#: ``probe(overrides) -> bytes the cell grew by at its peak``, a real run on copies.
+CellProbe = Callable[[dict[str, Any]], int]
 
 
 @dataclass
@@ -71,6 +74,7 @@ def advise(
     cell_names: set[str] | None = None,
     bf16: bool | None = None,
     margin: float = 0.05,
+    probe: CellProbe | None = None,
 ) -> Advice:
     """Rank the changes that would make ``report``'s cell fit its device."""
     capacity = report.device.capacity_bytes or (report.oom.capacity_bytes if report.oom else None)
@@ -97,6 +101,8 @@ def advise(
         fit = _batch_suggestions(report, run_cell, as_is, baseline, capacity, margin, suggestions, notes)
     else:
         fit = None
+        if as_is is None and probe is not None and capacity:
+            suggestions += _probe_batch(report, probe, baseline, capacity, margin, notes)
     if run_cell is not None and as_is is not None:
         suggestions += _what_if_suggestions(run_cell, as_is, bf16, notes)
         suggestions += _weights_suggestions(as_is, capacity, margin)
@@ -270,6 +276,45 @@ def _batch_suggestions(
         )
     )
     return fit
+
+
+def _probe_batch(
+    report: Report, probe: CellProbe, baseline: int, capacity: int, margin: float, notes: list[str]
+) -> list[Suggestion]:
+    """The batch size from two small real probes, for a cell a dry run cannot take."""
+    var = report.batch_var
+    value = var.get("value") if var else None
+    if var is None or not isinstance(value, int) or isinstance(value, bool) or value < 4:
+        return []
+    name = str(var["name"])
+    small, large = max(1, value // 8), max(2, value // 4)
+    try:
+        growth = {b: probe({name: b}) for b in (small, large)}
+    except Exception as exc:  # the probe itself ran out, or the cell failed on copies
+        notes.append(f"real probes failed: {type(exc).__name__}")
+        return []
+    per_sample = (growth[large] - growth[small]) / (large - small)
+    if per_sample <= 0:
+        return []
+    fixed = growth[small] - per_sample * small
+    budget = int(capacity * (1 - margin)) - baseline
+    best = int((budget - fixed) // per_sample)
+    if best < 1 or best >= value:
+        return []
+    predicted = baseline + int(fixed + per_sample * best)
+    return [
+        Suggestion(
+            kind="batch_size",
+            title=f"Lower {name} from {value} to {best}",
+            detail=f"Two real probes ({name}={small} and {large}, on copies) grew by "
+            f"{format_bytes(growth[small])} and {format_bytes(growth[large])}: {format_bytes(per_sample)} per "
+            f"sample, so {name}={best} should peak near {format_bytes(predicted)}.",
+            saves_bytes=max(0, baseline + int(fixed + per_sample * value) - predicted),
+            params={"variable": name, "value": best, "accumulation_steps": math.ceil(value / best)},
+            code=f"{name} = {best}",
+            source="measured",
+        )
+    ]
 
 
 def _what_if_suggestions(run_cell: CellRunner, as_is: DryRun, bf16: bool | None, notes: list[str]) -> list[Suggestion]:

@@ -545,6 +545,37 @@ def dry_run_cell(
     return _measure(mode, roots, tensors, run, autocast=autocast, no_grad=no_grad, checkpoint=checkpoint)
 
 
+def probe_cell(
+    code: Any,
+    namespace: dict[str, Any],
+    overrides: dict[str, Any],
+    *,
+    allocated: Callable[[], int],
+    peak: Callable[[], int],
+    reset_peak: Callable[[], None],
+) -> int:
+    """One real run of the cell on copies of what it uses: the bytes it grew by at its peak.
+
+    For cells a dry run cannot take.  The copies are real (models, optimizers
+    and tensors are deep-copied on their device), so the user's objects are
+    not touched; they are dropped before returning.
+    """
+    names = set(code.co_names) | {n for const in code.co_consts if hasattr(const, "co_names") for n in const.co_names}
+    heavy = {n: namespace[n] for n in names if n in namespace and _holds_tensors(namespace[n])}
+    copies = copy.deepcopy(heavy)
+    scope = dict(namespace)
+    scope.update(copies)
+    scope.update(overrides)
+    del copies
+    start = allocated()
+    reset_peak()
+    try:
+        exec(code, scope)  # noqa: S102 - the user's own cell, on copies
+        return peak() - start
+    finally:
+        scope.clear()
+
+
 def _holds_tensors(value: Any, depth: int = 2) -> bool:
     if isinstance(value, (torch.Tensor, torch.nn.Module, torch.optim.Optimizer)):
         return True

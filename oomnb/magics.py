@@ -505,6 +505,27 @@ class GpuMem(Magics):
 
         return run
 
+    def _cell_probe(self, body: Any, backend: Backend) -> Any:
+        from .estimator import probe_cell
+
+        user_ns = self._ip.user_ns
+
+        def probe(overrides: dict[str, Any]) -> int:
+            try:
+                return probe_cell(
+                    body,
+                    user_ns,
+                    overrides,
+                    allocated=lambda: backend.snapshot().allocated_bytes,
+                    peak=lambda: backend.snapshot().peak_bytes,
+                    reset_peak=backend.reset_peak,
+                )
+            finally:
+                recovery.collect()
+                backend.empty_cache()
+
+        return probe
+
     def _add_advice(self, report: Report, body: Any, backend: Backend) -> None:
         """Replace the first-reading suggestions with the advisor's ranked, measured ones."""
         from .advisor import advise, describe
@@ -516,6 +537,7 @@ class GpuMem(Magics):
             run_cell=self._cell_runner(body),
             cell_names=set(body.co_names),
             bf16=backend.supports_bf16(),
+            probe=self._cell_probe(body, backend),
         )
         measured_kinds = {s.kind for s in advice.suggestions}
         rules_left = [s for s in report.suggestions if s.kind not in measured_kinds]

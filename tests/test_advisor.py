@@ -148,3 +148,24 @@ def test_advise_line_magic(shell: Any) -> None:
     assert MIME_TYPE in shown.captured.outputs[-1].data
     bad = shell.run("%gpumem advise")
     assert bad.success
+
+
+def test_cell_that_cannot_be_dry_run_gets_two_real_probes(shell: Any) -> None:
+    shell.run(SETUP + "batch_size = 4096")
+    masked = (
+        "x = torch.randn(batch_size, 256)\n"
+        "out = model(x)\n"
+        "loss = out[out > 0].sum()  # the shape depends on the values: no dry run\n"
+        "loss.backward(); opt.zero_grad(set_to_none=True)"
+    )
+    limit = shell.allocated() + 12 * MiB
+    baseline = shell.allocated()
+    report = oom_report(shell, masked, limit)
+    assert "dry run not possible: the step reads tensor values" in report.oom.diagnosis
+    top = report.suggestions[0]
+    assert top.kind == "batch_size"
+    assert top.source == "measured"
+    assert "Two real probes (batch_size=512 and 1024, on copies)" in top.detail
+    assert shell.allocated() <= baseline  # the probes' copies are gone
+    shell.run(f"batch_size = {top.params['value']}")
+    assert fits(shell, masked, limit)
