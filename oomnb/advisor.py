@@ -75,6 +75,7 @@ def advise(
     bf16: bool | None = None,
     margin: float = 0.05,
     probe: CellProbe | None = None,
+    split_models: dict[str, Any] | None = None,
 ) -> Advice:
     """Rank the changes that would make ``report``'s cell fit its device."""
     capacity = report.device.capacity_bytes or (report.oom.capacity_bytes if report.oom else None)
@@ -120,6 +121,8 @@ def advise(
                     source="rule",
                 )
             )
+    for name, model in (split_models or {}).items():
+        suggestions += _device_map_suggestions(name, model, capacity)
     ranked = _rank(suggestions, deficit)
     return Advice(ranked, needed, budget, deficit, fit, notes)
 
@@ -312,6 +315,36 @@ def _probe_batch(
             saves_bytes=max(0, baseline + int(fixed + per_sample * value) - predicted),
             params={"variable": name, "value": best, "accumulation_steps": math.ceil(value / best)},
             code=f"{name} = {best}",
+            source="measured",
+        )
+    ]
+
+
+def _device_map_suggestions(name: str, model: Any, capacity: int | None) -> list[Suggestion]:
+    """A model split with ``hf_device_map`` that overloads one device: a balanced map."""
+    from .devicemap import balance, bytes_per_device
+
+    device_map = getattr(model, "hf_device_map", None)
+    if not isinstance(device_map, dict) or len(set(map(str, device_map.values()))) < 2 or not capacity:
+        return []
+    per_device = bytes_per_device(model, device_map)
+    devices = sorted(per_device)
+    balanced = balance(model, device_map, dict.fromkeys(devices, capacity))
+    after = bytes_per_device(model, balanced)
+    heaviest, lightest = max(per_device.values()), min(per_device.values())
+    if heaviest <= 1.25 * max(lightest, 1) or max(after.values()) >= heaviest:
+        return []
+    figures = ", ".join(f"{d} {format_bytes(per_device[d])}" for d in devices)
+    return [
+        Suggestion(
+            kind="device_map",
+            title=f"Balance `{name}` over its {len(devices)} GPUs",
+            detail=f"Its device_map puts {figures}; balanced: "
+            + ", ".join(f"{d} {format_bytes(after.get(d, 0))}" for d in devices)
+            + ".",
+            saves_bytes=heaviest - max(after.values()),
+            params={"device_map": balanced, "bytes_per_device": per_device},
+            code=f"device_map = {balanced!r}\n# from_pretrained(..., device_map=device_map)",
             source="measured",
         )
     ]

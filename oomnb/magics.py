@@ -538,6 +538,11 @@ class GpuMem(Magics):
             cell_names=set(body.co_names),
             bf16=backend.supports_bf16(),
             probe=self._cell_probe(body, backend),
+            split_models={
+                name: value
+                for name in body.co_names
+                if isinstance(getattr(value := self._ip.user_ns.get(name), "hf_device_map", None), dict)
+            },
         )
         measured_kinds = {s.kind for s in advice.suggestions}
         rules_left = [s for s in report.suggestions if s.kind not in measured_kinds]
