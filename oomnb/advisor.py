@@ -248,9 +248,12 @@ def _batch_suggestions(
         return fit
     saves = current - fit.verified_peak_bytes
     steps = math.ceil(value / fit.max_batch)
+    # --batch-var searches any integer memory grows with; a length or a
+    # resolution is an input size, not a batch.
+    kind = "batch_size" if "batch" in name.lower() or name.lower() in ("bs", "b", "n") else "input_size"
     suggestions.append(
         Suggestion(
-            kind="batch_size",
+            kind=kind,
             title=f"Lower {name} from {value} to {fit.max_batch}",
             detail=f"Dry runs: {name}={fit.max_batch} peaks at {format_bytes(fit.verified_peak_bytes)} of "
             f"{format_bytes(capacity)} ({int(margin * 100)}% kept free); {name}={value} needs "
@@ -262,6 +265,8 @@ def _batch_suggestions(
         )
     )
     micro = math.ceil(value / steps)
+    if kind != "batch_size":
+        return fit
     suggestions.append(
         Suggestion(
             kind="gradient_accumulation",

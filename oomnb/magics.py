@@ -126,6 +126,9 @@ def oom_report(
         reserved_unallocated_bytes=facts.reserved_unallocated_bytes,
         exception_type=type(exc).__name__,
     )
+    if facts.kind in ("cuda", "hip") and capacity and facts.free_bytes is not None and facts.process_bytes:
+        # What the card has in use that this process does not account for.
+        oom.other_processes_bytes = max(0, capacity - facts.free_bytes - facts.process_bytes)
     if oom.over_bytes is not None:
         oom.over_bytes = max(0, oom.over_bytes)
     report = measure.report(cell, at_failure, at_failure.peak_bytes, source=source, batch_var=batch_var, oom=oom)

@@ -75,6 +75,8 @@ class OomInfo:
     reserved_unallocated_bytes: int | None = None
     exception_type: str = "OutOfMemoryError"
     diagnosis: str = ""
+    #: Memory in use on the GPU by other processes (CUDA messages only).
+    other_processes_bytes: int | None = None
 
 
 @dataclass

@@ -71,6 +71,12 @@ def diagnose(
                 code=EXPANDABLE_CODE,
             )
         )
+    others = oom.other_processes_bytes or 0
+    if capacity and others > 0.05 * capacity:
+        reasons.append(
+            f"{format_bytes(others)} of the GPU is used by other processes (another notebook's kernel?): "
+            "`nvidia-smi` lists them; shut down the kernels you do not need."
+        )
     if capacity and baseline_bytes > 0.5 * capacity:
         reasons.append(
             f"Before this cell ran, {format_bytes(baseline_bytes)} ({100 * baseline_bytes / capacity:.0f}% of the "

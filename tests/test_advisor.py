@@ -169,3 +169,18 @@ def test_cell_that_cannot_be_dry_run_gets_two_real_probes(shell: Any) -> None:
     assert shell.allocated() <= baseline  # the probes' copies are gone
     shell.run(f"batch_size = {top.params['value']}")
     assert fits(shell, masked, limit)
+
+
+def test_sequence_length_is_an_input_size(shell: Any) -> None:
+    shell.run(SETUP + "seq_len = 4096")
+    cell = "h = model(torch.randn(seq_len, 256))\nh.sum().backward(); opt.zero_grad(set_to_none=True)"
+    limit = shell.allocated() + 12 * MiB
+    shell.run(f"%%gpumem --limit {limit} --batch-var seq_len\n{cell}")
+    report = oomnb.last_report()
+    assert report is not None and report.oom is not None
+    top = report.suggestions[0]
+    assert top.kind == "input_size"
+    assert top.params["variable"] == "seq_len"
+    assert all(s.kind != "gradient_accumulation" for s in report.suggestions)
+    shell.run(f"seq_len = {top.params['value']}")
+    assert fits(shell, cell, limit)

@@ -185,3 +185,24 @@ _sizes = st.builds(
 def test_never_raises_on_message_like_text(parts: list[str]) -> None:
     facts = parse_oom_message(" ".join(parts))
     assert facts.requested_bytes is None or facts.requested_bytes >= 0
+
+
+def test_other_processes_are_named_in_the_diagnosis() -> None:
+    from oomnb.report import OomInfo
+    from oomnb.rules import diagnose
+
+    facts = parse_oom_message(V2_1)  # 79.15 GiB card, 1.21 GiB free, this process 77.94 GiB
+    assert facts.capacity_bytes is not None and facts.free_bytes is not None and facts.process_bytes is not None
+    others = facts.capacity_bytes - facts.free_bytes - facts.process_bytes
+    assert others == 0  # everything in use is this process's
+    oom = OomInfo(
+        requested_bytes=facts.requested_bytes,
+        free_bytes=facts.free_bytes,
+        capacity_bytes=facts.capacity_bytes,
+        message=V2_1,
+        other_processes_bytes=20 * GiB,
+    )
+    text, _ = diagnose(
+        oom, baseline_bytes=0, allocated_at_failure=0, capacity_bytes=facts.capacity_bytes, simulated=False
+    )
+    assert "20.00 GiB of the GPU is used by other processes" in text
