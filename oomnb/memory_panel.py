@@ -30,6 +30,19 @@ _SORTS = {
 }
 
 
+def _bars_html(backend: Backend) -> str:
+    """One bar per device: every CUDA device the process has started, or the simulated one."""
+    if backend.kind != "cuda":
+        return _bar_html(backend)
+    import torch
+
+    from .backends.cuda import CudaBackend
+
+    count = torch.cuda.device_count() if torch.cuda.is_initialized() else 1
+    others = [i for i in range(count) if i != backend.index and torch.cuda.memory_reserved(i) > 0]
+    return "".join([_bar_html(backend), *(_bar_html(CudaBackend(i)) for i in others)])
+
+
 def _bar_html(backend: Backend) -> str:
     snap = backend.snapshot()
     capacity = snap.capacity_bytes
@@ -125,7 +138,7 @@ class MemoryPanel:
     def update(self) -> None:
         """Take the census again and redraw everything."""
         self.census = self.cleaner.census()
-        self.device_bar.value = _bar_html(self.backend)
+        self.device_bar.value = _bars_html(self.backend)
         census = self.census
         unreachable = census.unreachable_bytes
         self.summary.value = (
