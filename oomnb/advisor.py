@@ -356,71 +356,66 @@ def _device_map_suggestions(name: str, model: Any, capacity: int | None) -> list
 
 
 def _what_if_suggestions(run_cell: CellRunner, as_is: DryRun, bf16: bool | None, notes: list[str]) -> list[Suggestion]:
-    found = []
+    """Dry runs of the cell with one change each; a change that saves memory becomes a suggestion."""
     dtype = torch.bfloat16 if bf16 is not False else torch.float16
     label = "bf16" if dtype is torch.bfloat16 else "fp16"
-    try:
-        mixed = run_cell({}, autocast=dtype)
-        saves = as_is.peak_bytes - mixed.peak_bytes
-        if saves > 0:
-            found.append(
-                Suggestion(
-                    kind="mixed_precision",
-                    title=f"Run the forward pass in {label} autocast",
-                    detail=(
-                        "This device supports bf16."
-                        if bf16
-                        else "This device has no bf16: fp16 with a GradScaler."
-                        if bf16 is False
-                        else "bf16 needs an Ampere or newer GPU; use fp16 with a GradScaler otherwise."
-                    ),
-                    saves_bytes=saves,
-                    params={"dtype": label},
-                    code=f'with torch.autocast("cuda", dtype={dtype}):\n    loss = ...  # the forward pass',
-                    source="dry-run",
-                )
-            )
-    except DryRunError as exc:
-        notes.append(f"{label} dry run: {exc}")
-    try:
-        ckpt = run_cell({}, checkpoint=True)
-        saves = as_is.peak_bytes - ckpt.peak_bytes
-        if saves > 0:
-            found.append(
-                Suggestion(
-                    kind="gradient_checkpointing",
-                    title="Checkpoint the model's repeated blocks",
-                    detail="Recompute each block's activations in backward instead of keeping them.",
-                    saves_bytes=saves,
-                    params={},
-                    code=(
-                        "from torch.utils.checkpoint import checkpoint\n"
-                        "# in forward: x = checkpoint(block, x, use_reentrant=False)\n"
-                        "# Hugging Face models: model.gradient_checkpointing_enable()"
-                    ),
-                    source="dry-run",
-                )
-            )
-    except DryRunError:
-        pass  # most models have no run of like blocks: nothing to suggest
+    if bf16:
+        support = "This device supports bf16."
+    elif bf16 is False:
+        support = "This device has no bf16: fp16 with a GradScaler."
+    else:
+        support = "bf16 needs an Ampere or newer GPU; use fp16 with a GradScaler otherwise."
+    # (options of the dry run, suggestion fields, whether a failure is worth a note)
+    variants: list[tuple[dict[str, Any], dict[str, Any], bool]] = [
+        (
+            {"autocast": dtype},
+            {
+                "kind": "mixed_precision",
+                "title": f"Run the forward pass in {label} autocast",
+                "detail": support,
+                "params": {"dtype": label},
+                "code": f'with torch.autocast("cuda", dtype={dtype}):\n    loss = ...  # the forward pass',
+            },
+            True,
+        ),
+        (
+            {"checkpoint": True},
+            {
+                "kind": "gradient_checkpointing",
+                "title": "Checkpoint the model's repeated blocks",
+                "detail": "Recompute each block's activations in backward instead of keeping them.",
+                "params": {},
+                "code": "from torch.utils.checkpoint import checkpoint\n"
+                "# in forward: x = checkpoint(block, x, use_reentrant=False)\n"
+                "# Hugging Face models: model.gradient_checkpointing_enable()",
+            },
+            False,  # most models have no run of like blocks: nothing to say
+        ),
+    ]
     if not as_is.gradients_bytes:
+        variants.append(
+            (
+                {"no_grad": True},
+                {
+                    "kind": "no_grad",
+                    "title": "This cell never calls backward: run it under torch.no_grad()",
+                    "detail": "Without no_grad every output keeps the activations its backward would need.",
+                    "params": {},
+                    "code": "with torch.no_grad():\n    ...  # the cell",
+                },
+                False,
+            )
+        )
+    found = []
+    for options, fields, noted in variants:
         try:
-            quiet = run_cell({}, no_grad=True)
-            saves = as_is.peak_bytes - quiet.peak_bytes
-            if saves > 0:
-                found.append(
-                    Suggestion(
-                        kind="no_grad",
-                        title="This cell never calls backward: run it under torch.no_grad()",
-                        detail="Without no_grad every output keeps the activations its backward would need.",
-                        saves_bytes=saves,
-                        params={},
-                        code="with torch.no_grad():\n    ...  # the cell",
-                        source="dry-run",
-                    )
-                )
-        except DryRunError:
-            pass
+            saves = as_is.peak_bytes - run_cell({}, **options).peak_bytes
+        except DryRunError as exc:
+            if noted:
+                notes.append(f"{fields['kind']} dry run: {exc}")
+            continue
+        if saves > 0:
+            found.append(Suggestion(saves_bytes=saves, source="dry-run", **fields))
     return found
 
 
