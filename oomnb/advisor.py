@@ -190,18 +190,19 @@ def _leak_suggestions(census: Census, cell_names: set[str]) -> list[Suggestion]:
                 source="measured",
             )
         )
-    root_sizes = census.root_bytes()
-    unused = [
-        (root, nbytes)
-        for root, nbytes in root_sizes.items()
-        if root not in cell_names
-        and root not in graphs
-        and not root.startswith(("Out[", "_", "<"))
-        and any(r.holder in ("variable", "container", "attribute") for r in census.records if r.root == root)
-    ]
-    for root, nbytes in unused[:3]:
-        held_elsewhere = all(r.also_held_by for r in census.records if r.root == root)
-        if nbytes and not held_elsewhere:
+    # The three biggest variables the cell does not use. Group once: a
+    # namespace can have thousands of names.
+    candidates = 0
+    for root, records in census.by_root().items():
+        if candidates == 3:
+            break
+        if root in cell_names or root in graphs or root.startswith(("Out[", "_", "<")):
+            continue
+        if not any(r.holder in ("variable", "container", "attribute") for r in records):
+            continue
+        candidates += 1
+        nbytes = sum(r.nbytes for r in records)
+        if nbytes and not all(r.also_held_by for r in records):
             found.append(
                 Suggestion(
                     kind="free_references",
