@@ -525,9 +525,8 @@ def dry_run_cell(
     (``{"batch_size": 64}``) replace values.  The user's namespace is not
     changed.
     """
-    names = set(code.co_names) | {n for const in code.co_consts if hasattr(const, "co_names") for n in const.co_names}
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    heavy = {n: namespace[n] for n in names if n in namespace and _holds_tensors(namespace[n])}
+    heavy = _heavy_names(code, namespace)
     with simulated_device.untracked():
         fake = _fake_copy(mode, heavy)
     scope = dict(namespace)
@@ -560,9 +559,7 @@ def probe_cell(
     and tensors are deep-copied on their device), so the user's objects are
     not touched; they are dropped before returning.
     """
-    names = set(code.co_names) | {n for const in code.co_consts if hasattr(const, "co_names") for n in const.co_names}
-    heavy = {n: namespace[n] for n in names if n in namespace and _holds_tensors(namespace[n])}
-    copies = copy.deepcopy(heavy)
+    copies = copy.deepcopy(_heavy_names(code, namespace))
     scope = dict(namespace)
     scope.update(copies)
     scope.update(overrides)
@@ -576,16 +573,12 @@ def probe_cell(
         scope.clear()
 
 
-def _holds_tensors(value: Any, depth: int = 2) -> bool:
-    if isinstance(value, (torch.Tensor, torch.nn.Module, torch.optim.Optimizer)):
-        return True
-    if depth <= 0:
-        return False
-    if isinstance(value, dict):
-        return any(_holds_tensors(v, depth - 1) for v in list(value.values())[:100])
-    if isinstance(value, (list, tuple)):
-        return any(_holds_tensors(v, depth - 1) for v in value[:100])
-    return False
+def _heavy_names(code: Any, namespace: dict[str, Any]) -> dict[str, Any]:
+    """The names a cell's code uses whose values hold tensors (what a dry run or probe copies)."""
+    from .inventory import holds_tensors
+
+    names = set(code.co_names) | {n for const in code.co_consts if hasattr(const, "co_names") for n in const.co_names}
+    return {n: namespace[n] for n in names if n in namespace and holds_tensors(namespace[n])}
 
 
 def what_ifs(

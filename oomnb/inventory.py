@@ -466,6 +466,25 @@ def _walk_traceback(walker: _Walker, tb: Any) -> None:
         tb = tb.tb_next
 
 
+def holds_tensors(value: Any, depth: int = 2) -> bool:
+    """Whether ``value`` is a tensor, module or optimizer, or holds one within ``depth`` levels
+    (containers and the attributes of ordinary objects, a trainer holding a model)."""
+    if isinstance(value, (torch.Tensor, torch.nn.Module, torch.optim.Optimizer)):
+        return True
+    if depth <= 0 or isinstance(value, (_ATOMS, _SKIP_TYPES)):
+        return False
+    items: Any
+    if isinstance(value, dict):
+        items = value.values()
+    elif isinstance(value, (list, tuple, set, frozenset, collections.deque)):
+        items = value
+    elif isinstance(getattr(value, "__dict__", None), dict) and not callable(value):
+        items = vars(value).values()
+    else:
+        return False
+    return any(holds_tensors(item, depth - 1) for _, item in zip(range(1000), list(items), strict=False))
+
+
 def last_tracebacks() -> list[Any]:
     """The tracebacks ``sys`` keeps of the last error (``sys.last_traceback``/``last_exc``)."""
     found = []

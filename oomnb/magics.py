@@ -22,6 +22,7 @@ from traitlets import Bool, TraitError, Unicode, observe, validate
 
 from . import recovery, rules, session
 from .backends import Backend, MemorySnapshot, get_backend, limited
+from .inventory import holds_tensors
 from .oom import is_oom_error
 from .report import DeviceInfo, OomInfo, Report
 from .units import Card, format_bytes, parse_limit
@@ -663,26 +664,6 @@ class GpuMem(Magics):
         print(report.headline())
         if report.oom is not None:
             print("  " + report.oom.diagnosis)
-
-
-def holds_tensors(value: Any, depth: int = 2) -> bool:
-    """Whether ``value`` is a tensor, a module, or holds one within ``depth`` levels."""
-    import torch
-
-    if isinstance(value, (torch.Tensor, torch.nn.Module)):
-        return True
-    if depth <= 0 or isinstance(value, (str, bytes, int, float, bool, type)) or value is None:
-        return False
-    items: Any
-    if isinstance(value, dict):
-        items = value.values()
-    elif isinstance(value, (list, tuple, set, frozenset)):
-        items = value
-    elif isinstance(getattr(value, "__dict__", None), dict) and not callable(value):
-        items = vars(value).values()
-    else:
-        return False
-    return any(holds_tensors(item, depth - 1) for _, item in zip(range(1000), items, strict=False))
 
 
 def roll_back(user_ns: dict[str, Any], ids_before: dict[str, int]) -> list[str]:

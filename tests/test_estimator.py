@@ -144,3 +144,17 @@ def test_data_dependent_step_says_why_in_one_line() -> None:
     with pytest.raises(DryRunError, match=r"^the step reads tensor values") as info:
         dry_run(step, model, torch.randn(2, 4))
     assert "\n" not in str(info.value)
+
+
+def test_cell_dry_run_copies_models_held_by_other_objects() -> None:
+    from oomnb.estimator import dry_run_cell
+
+    class Trainer:
+        def __init__(self) -> None:
+            self.model = torch.nn.Linear(256, 256)
+
+    trainer = Trainer()
+    code = compile("trainer.model(torch.randn(batch_size, 256)).sum().backward()", "<cell>", "exec")
+    run = dry_run_cell(code, {"torch": torch, "trainer": trainer, "batch_size": 64})
+    assert trainer.model.weight.grad is None  # the real model was not run
+    assert run.gradients_bytes == 256 * 256 * 4 + 1024
