@@ -152,14 +152,25 @@ def _find_batch(value: Any, dim: int) -> int | None:
     return None
 
 
-def _walk(value: Any) -> Iterator[Any]:
+def _walk(value: Any, depth: int = 4, seen: set[int] | None = None) -> Iterator[Any]:
+    """``value`` and what it holds: container items and the attributes of ordinary
+    objects (a trainer's model), each once."""
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return
+    seen.add(id(value))
     yield value
-    if isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _walk(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _walk(item)
+    if depth <= 0 or isinstance(value, (torch.Tensor, torch.nn.Module, torch.optim.Optimizer)):
+        return
+    items: Any = ()
+    if isinstance(value, dict):
+        items = list(value.values())
+    elif isinstance(value, (list, tuple)):
+        items = value
+    elif isinstance(getattr(value, "__dict__", None), dict) and not callable(value):
+        items = list(vars(value).values())
+    for item in items:
+        yield from _walk(item, depth - 1, seen)
 
 
 def _bytes_of(tensors: Iterator[torch.Tensor]) -> int:
