@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from oomnb.analysis.estimator import find_max_batch
 from oomnb.backends.simulated import device as sim
-from oomnb.estimator import find_max_batch
 
 MiB = 1024**2
 

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from oomnb.inventory import take_census
-from oomnb.units import round_allocation
+from oomnb.analysis.census import take_census
+from oomnb.model.units import round_allocation
 
 
 def build_namespace() -> dict[str, Any]:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .report import MIME_TYPE, SCHEMA_VERSION, Report, Suggestion
-from .session import history, last_report
-from .units import CARDS, format_bytes, parse_size
+from .model.report import MIME_TYPE, SCHEMA_VERSION, Report, Suggestion
+from .model.units import CARDS, format_bytes, parse_size
+from .notebook.history import history, last_report
 
 __version__ = "0.1.0"
 
@@ -47,7 +47,7 @@ def _jupyter_labextension_paths() -> list[dict[str, str]]:
 
 def load_ipython_extension(ipython: Any) -> None:
     """Register ``%gpumem``/``%%gpumem`` and start the simulated device if no GPU is usable."""
-    from .magics import GpuMem
+    from .notebook.magics import GpuMem
 
     key = id(ipython)
     if key in _LOADED:  # loaded twice: nothing more to do
@@ -91,12 +91,12 @@ def _backend(device: str | None) -> Any:
 
 
 def census(device: str | None = None) -> Any:
-    """Every tensor the notebook keeps alive, with names: a :class:`~oomnb.inventory.Census`.
+    """Every tensor the notebook keeps alive, with names: a :class:`~oomnb.analysis.census.Census`.
 
     In IPython this includes the output cache (``Out[n]``, ``_``) and the last
     traceback; in a plain script, the ``__main__`` namespace.
     """
-    from .cleanup import in_ipython, shell_census
+    from .notebook.cleanup import in_ipython, shell_census
 
     backend = _backend(device)
     shell = in_ipython()
@@ -104,7 +104,7 @@ def census(device: str | None = None) -> Any:
         return shell_census(shell, backend)
     import __main__
 
-    from .inventory import last_tracebacks, take_census
+    from .analysis.census import last_tracebacks, take_census
 
     variables = {k: v for k, v in vars(__main__).items() if not k.startswith("__")}
     return take_census(
@@ -117,8 +117,8 @@ def census(device: str | None = None) -> Any:
 
 def panel(device: str | None = None) -> Any:
     """The cleanup panel (ipywidgets) for the running IPython shell."""
-    from .cleanup import in_ipython
-    from .memory_panel import MemoryPanel
+    from .notebook.cleanup import in_ipython
+    from .notebook.panel import MemoryPanel
 
     shell = in_ipython()
     if shell is None:
@@ -127,20 +127,20 @@ def panel(device: str | None = None) -> Any:
 
 
 def estimate(step: Any, *args: Any, **kwargs: Any) -> Any:
-    """Dry-run ``step(*args)`` on fake tensors: a :class:`~oomnb.estimator.DryRun` (no memory used).
+    """Dry-run ``step(*args)`` on fake tensors: a :class:`~oomnb.analysis.estimator.DryRun` (no memory used).
 
     Keyword arguments: ``batch_size``, ``batch_dim``, ``autocast`` (a dtype),
     ``no_grad``, ``checkpoint``; the rest go to ``step``.
     """
-    from .estimator import dry_run
+    from .analysis.estimator import dry_run
 
     return dry_run(step, *args, **kwargs)
 
 
 def max_batch(step: Any, *args: Any, limit: str | int, margin: float = 0.05, **kwargs: Any) -> Any:
     """The largest batch for which ``step(*args)`` fits ``limit`` (a size or a card), by dry runs."""
-    from .estimator import find_max_batch
-    from .units import parse_limit
+    from .analysis.estimator import find_max_batch
+    from .model.units import parse_limit
 
     capacity, _ = parse_limit(limit)
     return find_max_batch(step, *args, capacity_bytes=capacity, margin=margin, **kwargs)

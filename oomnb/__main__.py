@@ -26,11 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     prof.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.command == "profile":
-        from .profile import main as profile_main
+        from .cli.profile import main as profile_main
 
         return profile_main(args)
     if args.command == "demo":
-        from .demo import run
+        from .cli.demo import run
 
         return run()
     parser.print_help()

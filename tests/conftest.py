@@ -11,8 +11,8 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
 import oomnb
-from oomnb import session
 from oomnb.backends.simulated import device as simulated_device
+from oomnb.notebook import history as session
 
 
 def cuda_present() -> bool:

@@ -7,7 +7,7 @@ from typing import Any
 import jsonschema
 
 import oomnb
-from oomnb.report import MIME_TYPE, load_schema
+from oomnb.model.report import MIME_TYPE, load_schema
 
 MiB = 1024**2
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import oomnb
-from oomnb.inventory import take_census
+from oomnb.analysis.census import take_census
 
 MiB = 1024**2
 

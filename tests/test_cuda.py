@@ -9,7 +9,7 @@ import torch
 
 import oomnb
 from oomnb.backends import get_backend
-from oomnb.units import round_allocation
+from oomnb.model.units import round_allocation
 
 pytestmark = pytest.mark.gpu
 MiB = 1024**2
@@ -69,7 +69,7 @@ def test_dry_run_within_10_percent_of_cuda_peak() -> None:
     """The dry run (fake CPU tensors, CUDA accounting) against the real CUDA peak."""
     import copy
 
-    from oomnb.estimator import dry_run
+    from oomnb.analysis.estimator import dry_run
 
     from .models import workloads
 

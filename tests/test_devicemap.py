@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from oomnb.advisor import _device_map_suggestions
-from oomnb.devicemap import balance, bytes_per_device, module_bytes
+from oomnb.analysis.advisor import _device_map_suggestions
+from oomnb.analysis.devicemap import balance, bytes_per_device, module_bytes
 
 MiB = 1024**2
 

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
+from oomnb.analysis.estimator import DryRunError, dry_run, find_max_batch, what_ifs
 from oomnb.backends.simulated import SimulatedDevice
-from oomnb.estimator import DryRunError, dry_run, find_max_batch, what_ifs
 
 from .models import classification_step, workloads
 
@@ -147,7 +147,7 @@ def test_data_dependent_step_says_why_in_one_line() -> None:
 
 
 def test_cell_dry_run_copies_models_held_by_other_objects() -> None:
-    from oomnb.estimator import dry_run_cell
+    from oomnb.analysis.estimator import dry_run_cell
 
     class Trainer:
         def __init__(self) -> None:

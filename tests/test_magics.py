@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 
 import oomnb
-from oomnb.report import MIME_TYPE, load_schema
+from oomnb.model.report import MIME_TYPE, load_schema
 
 MiB = 1024**2
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from oomnb.oom import is_oom_error, parse_oom_message
+from oomnb.allocator.oom import is_oom_error, parse_oom_message
 
 MiB = 1024**2
 GiB = 1024**3
@@ -188,8 +188,8 @@ def test_never_raises_on_message_like_text(parts: list[str]) -> None:
 
 
 def test_other_processes_are_named_in_the_diagnosis() -> None:
-    from oomnb.report import OomInfo
-    from oomnb.rules import diagnose
+    from oomnb.analysis.rules import diagnose
+    from oomnb.model.report import OomInfo
 
     facts = parse_oom_message(V2_1)  # 79.15 GiB card, 1.21 GiB free, this process 77.94 GiB
     assert facts.capacity_bytes is not None and facts.free_bytes is not None and facts.process_bytes is not None

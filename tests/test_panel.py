@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import oomnb
-from oomnb.memory_panel import MemoryPanel
+from oomnb.notebook.panel import MemoryPanel
 
 MiB = 1024**2
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from oomnb.profile import ProfileError, profile
-from oomnb.report import MIME_TYPE
+from oomnb.cli.profile import ProfileError, profile
+from oomnb.model.report import MIME_TYPE
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "example_notebooks"
 

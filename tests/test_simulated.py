@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from oomnb.allocator.oom import parse_oom_message
 from oomnb.backends.simulated import SimulatedDevice
-from oomnb.oom import parse_oom_message
 
 MiB = 1024**2
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from oomnb.units import CARDS, format_bytes, format_size_like_torch, parse_limit, parse_size, round_allocation
+from oomnb.model.units import CARDS, format_bytes, format_size_like_torch, parse_limit, parse_size, round_allocation
 
 
 @pytest.mark.parametrize(

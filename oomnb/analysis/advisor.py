@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
+from ..model.report import Report, Suggestion
+from ..model.units import format_bytes
+from .census import Census
 from .estimator import BatchFit, DryRun, DryRunError, search_batch
-from .inventory import Census
-from .report import Report, Suggestion
 from .rules import EXPANDABLE_CODE
-from .units import format_bytes
 
 __all__ = ["Advice", "advise"]
 

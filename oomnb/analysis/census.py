@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .units import BLOCK_ROUND
+from ..model.units import BLOCK_ROUND
 
 __all__ = ["HOLDER_KINDS", "Census", "TensorRecord", "take_census"]
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .units import round_allocation
+from ..model.units import round_allocation
 
 __all__ = ["balance", "bytes_per_device", "module_bytes"]
 

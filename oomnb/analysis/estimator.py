@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
 
-from .backends.simulated import SimulatedDevice
-from .backends.simulated import device as simulated_device
+from ..backends.simulated import SimulatedDevice
+from ..backends.simulated import device as simulated_device
 
 __all__ = ["BatchFit", "DryRun", "DryRunError", "dry_run", "find_max_batch", "what_ifs"]
 
@@ -586,7 +586,7 @@ def probe_cell(
 
 def _heavy_names(code: Any, namespace: dict[str, Any]) -> dict[str, Any]:
     """The names a cell's code uses whose values hold tensors (what a dry run or probe copies)."""
-    from .inventory import holds_tensors
+    from .census import holds_tensors
 
     names = set(code.co_names) | {n for const in code.co_consts if hasattr(const, "co_names") for n in const.co_names}
     return {n: namespace[n] for n in names if n in namespace and holds_tensors(namespace[n])}

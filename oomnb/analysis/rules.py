@@ -6,8 +6,8 @@ measured by dry runs; these rules say what the numbers already show.
 
 from __future__ import annotations
 
-from .report import OomInfo, Suggestion
-from .units import MiB, format_bytes
+from ..model.report import OomInfo, Suggestion
+from ..model.units import MiB, format_bytes
 
 __all__ = ["diagnose"]
 

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from ..oom import OomFacts
-from ..units import Card
+from ..allocator.oom import OomFacts
+from ..model.units import Card
 
 __all__ = ["Backend", "MemorySnapshot", "cuda_usable", "get_backend", "limited"]
 

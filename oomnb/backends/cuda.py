@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from ..oom import OomFacts, parse_oom_message
-from ..units import Card
+from ..allocator.oom import OomFacts, parse_oom_message
+from ..model.units import Card
 
 __all__ = ["CudaBackend", "write_snapshot"]
 

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..oom import OomFacts, parse_oom_message
-from ..units import Card, format_size_like_torch, round_allocation
+from ..allocator.oom import OomFacts, parse_oom_message
+from ..model.units import Card, format_size_like_torch, round_allocation
 
 __all__ = ["SimulatedBackend", "SimulatedDevice", "device"]
 

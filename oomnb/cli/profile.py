@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .report import MIME_TYPE, Report
-from .units import format_bytes, parse_limit, parse_size
+from ..model.report import MIME_TYPE, Report
+from ..model.units import format_bytes, parse_limit, parse_size
 
 __all__ = ["ProfileError", "ProfileResult", "profile"]
 

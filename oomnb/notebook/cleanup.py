@@ -1,6 +1,6 @@
 """Census of a live IPython shell, and the actions that free what it holds.
 
-This is the IPython-facing side of :mod:`oomnb.inventory`: it knows where IPython
+This is the IPython-facing side of :mod:`oomnb.analysis.census`: it knows where IPython
 keeps things (the user namespace, ``Out``, ``_``/``__``/``___``/``_N``,
 ``sys.last_traceback``), and every action measures the bytes it really freed
 (allocated before and after, with garbage collected) and, when a storage
@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
+from ..analysis.census import Census, last_tracebacks, take_census
+from ..backends import Backend
+from ..model.units import format_bytes
 from . import recovery
-from .backends import Backend
-from .inventory import Census, last_tracebacks, take_census
-from .units import format_bytes
 
 __all__ = ["ActionResult", "Cleaner", "shell_census"]
 
@@ -245,7 +245,7 @@ class Cleaner:
         def to_host(t: torch.Tensor) -> torch.Tensor:
             if not simulated:
                 return t.cpu()
-            from .backends.simulated import device
+            from ..backends.simulated import device
 
             with device.untracked():
                 return t.detach().clone().requires_grad_(t.requires_grad) if t.is_leaf else t.detach().clone()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from .report import Report
+from ..model.report import Report
 
 __all__ = ["clear_history", "history", "last_report", "record"]
 

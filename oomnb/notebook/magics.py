@@ -20,12 +20,13 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.display import display
 from traitlets import Bool, TraitError, Unicode, observe, validate
 
-from . import recovery, rules, session
-from .backends import Backend, MemorySnapshot, get_backend, limited
-from .inventory import holds_tensors
-from .oom import is_oom_error
-from .report import DeviceInfo, OomInfo, Report
-from .units import Card, format_bytes, parse_limit
+from ..allocator.oom import is_oom_error
+from ..analysis import rules
+from ..analysis.census import holds_tensors
+from ..backends import Backend, MemorySnapshot, get_backend, limited
+from ..model.report import DeviceInfo, OomInfo, Report
+from ..model.units import Card, format_bytes, parse_limit
+from . import history, recovery
 
 __all__ = ["GpuMem"]
 
@@ -238,7 +239,7 @@ class GpuMem(Magics):
     def close(self) -> None:
         """Undo what loading did: hooks off, simulated tracking stopped."""
         self._set_hooks(False)
-        from .backends.simulated import device as simulated_device
+        from ..backends.simulated import device as simulated_device
 
         if any(b.kind == "simulated" for b in self._backends.values()) and simulated_device.active:
             simulated_device.capacity = None
@@ -344,11 +345,11 @@ class GpuMem(Magics):
         if words == ["reset"]:
             backend = self._backend_or_usage(args.device)
             backend.reset_peak()
-            session.clear_history()
+            history.clear_history()
             print(f"oomnb: peak reset to {format_bytes(backend.snapshot().allocated_bytes)}; history cleared.")
             return None
         if words == ["panel"]:
-            from .memory_panel import MemoryPanel
+            from .panel import MemoryPanel
 
             display(MemoryPanel(self._ip, self._backend_or_usage(args.device)))
             return None
@@ -431,7 +432,7 @@ class GpuMem(Magics):
             )
             snapshot_path = None
         if snapshot_path is not None:
-            from .backends.cuda import record_history
+            from ..backends.cuda import record_history
 
             record_history(True)
         number = current_execution_count(shell)
@@ -500,7 +501,7 @@ class GpuMem(Magics):
         return value
 
     def _cell_runner(self, body: Any) -> Any:
-        from .estimator import dry_run_cell
+        from ..analysis.estimator import dry_run_cell
 
         user_ns = self._ip.user_ns
 
@@ -510,7 +511,7 @@ class GpuMem(Magics):
         return run
 
     def _cell_probe(self, body: Any, backend: Backend) -> Any:
-        from .estimator import probe_cell
+        from ..analysis.estimator import probe_cell
 
         user_ns = self._ip.user_ns
 
@@ -532,7 +533,7 @@ class GpuMem(Magics):
 
     def _add_advice(self, report: Report, body: Any, backend: Backend) -> None:
         """Replace the first-reading suggestions with the advisor's ranked, measured ones."""
-        from .advisor import advise, describe
+        from ..analysis.advisor import advise, describe
         from .cleanup import shell_census
 
         advice = advise(
@@ -557,7 +558,7 @@ class GpuMem(Magics):
                 report.oom.diagnosis = (report.oom.diagnosis + " Advisor: " + extra + ".").strip()
 
     def _dry_run(self, body: Any, cell: str, number: int | None, backend: Backend, args: Any) -> None:
-        from .estimator import DryRunError
+        from ..analysis.estimator import DryRunError
 
         measure = CellMeasure(backend)
         try:
@@ -581,7 +582,7 @@ class GpuMem(Magics):
 
     def _advise_last(self, args: Any) -> None:
         last = getattr(self, "_last_cell", None)
-        report = session.last_report()
+        report = history.last_report()
         if last is None or report is None:
             raise UsageError("%gpumem advise needs a cell measured with %%gpumem first")
         body, _, backend = last
@@ -593,7 +594,7 @@ class GpuMem(Magics):
     def _stop_snapshot(self, path: str | None) -> None:
         if path is None:
             return
-        from .backends.cuda import record_history, write_snapshot
+        from ..backends.cuda import record_history, write_snapshot
 
         written = write_snapshot(path)
         record_history(False)
@@ -608,7 +609,7 @@ class GpuMem(Magics):
         return {"name": name, "value": value}
 
     def _publish(self, report: Report, quiet: bool) -> None:
-        session.record(report)
+        history.record(report)
         if not quiet:
             display(report.mime_bundle(), raw=True)
 
@@ -660,7 +661,7 @@ class GpuMem(Magics):
         if self.auto_output == "report":
             self._publish(report, quiet=False)
             return
-        session.record(report)
+        history.record(report)
         print(report.headline())
         if report.oom is not None:
             print("  " + report.oom.diagnosis)

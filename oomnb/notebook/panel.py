@@ -14,10 +14,10 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from .backends import Backend
+from ..analysis.census import Census, TensorRecord
+from ..backends import Backend
+from ..model.units import format_bytes
 from .cleanup import ActionResult, Cleaner
-from .inventory import Census, TensorRecord
-from .units import format_bytes
 
 __all__ = ["MemoryPanel"]
 
@@ -36,7 +36,7 @@ def _bars_html(backend: Backend) -> str:
         return _bar_html(backend)
     import torch
 
-    from .backends.cuda import CudaBackend
+    from ..backends.cuda import CudaBackend
 
     count = torch.cuda.device_count() if torch.cuda.is_initialized() else 1
     others = [i for i in range(count) if i != backend.index and torch.cuda.memory_reserved(i) > 0]
