@@ -69,6 +69,48 @@ def test_module_parameters_gradients_and_optimizer_state_are_named() -> None:
     assert sum(r.nbytes for r in census.records if r.holder == "gradient") == weights
 
 
+def adamw_after_one_step() -> tuple[nn.Module, torch.optim.Optimizer]:
+    model = nn.Linear(1024, 1)  # weight 4096 B, bias 4 B -> 512 B
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1024)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def test_optimizer_param_groups_hold_the_parameters_of_a_deleted_model() -> None:
+    """Defect: after `del model`, the parameters `opt` still holds were not found."""
+    model, opt = adamw_after_one_step()
+    del model
+    census = take_census({"opt": opt})
+    by_path = {r.path: r for r in census.records}
+    weight = by_path["opt.param_groups[0]['params'][0]"]
+    assert (weight.holder, weight.root, weight.nbytes, weight.shape) == ("optimizer_param", "opt", 4096, (1, 1024))
+    bias = by_path["opt.param_groups[0]['params'][1]"]
+    assert (bias.holder, bias.root, bias.nbytes) == ("optimizer_param", "opt", 512)
+    assert by_path["opt.param_groups[0]['params'][0].grad"].holder == "gradient"
+    assert by_path["opt.param_groups[0]['params'][0].grad"].nbytes == 4096
+    assert by_path["opt.param_groups[0]['params'][1].grad"].nbytes == 512
+    assert by_path["opt.state[param 0]['exp_avg_sq']"].nbytes == 4096
+    # two parameters, their gradients and two moments each, and AdamW's two step counters: all under `opt`
+    assert census.total_bytes == 4 * (4096 + 512) + 2 * 512
+    assert {r.root for r in census.records} == {"opt"}
+
+
+def test_a_live_module_keeps_naming_its_parameters_and_gradients() -> None:
+    model, opt = adamw_after_one_step()
+    name = "model_with_a_name_longer_than_the_optimizer_path"
+    census = take_census({name: model, "opt": opt})
+    by_path = {r.path: r for r in census.records}
+    assert by_path[f"{name}.weight"].holder == "parameter"
+    assert by_path[f"{name}.weight"].also_held_by == ["opt.param_groups[0]['params'][0]"]
+    # the shorter `opt...grad` path does not take the gradient's name from its module
+    assert by_path[f"{name}.weight.grad"].holder == "gradient"
+    assert by_path[f"{name}.weight.grad"].also_held_by == ["opt.param_groups[0]['params'][0].grad"]
+    assert f"opt.state[{name}.bias]['exp_avg']" in by_path
+    assert not any(r.path.startswith("opt.param_groups") for r in census.records)
+    assert census.total_bytes == 4 * (4096 + 512) + 2 * 512
+
+
 def test_stored_loss_reports_its_graph() -> None:
     lin = nn.Linear(256, 256)
     x = torch.randn(128, 256)

@@ -6,7 +6,10 @@ storage: views, slices and ``.detach()`` share a storage and count once.
 Each record is named by its best path; the other paths that reach the same
 storage are listed in ``also_held_by``.  Tensors kept alive by autograd graphs
 (a stored ``loss`` keeps every activation its backward needs) are found through
-the graph's ``_saved_*`` attributes and ``next_functions``.
+the graph's ``_saved_*`` attributes and ``next_functions``.  Optimizers are
+walked through their ``param_groups`` as well as their ``state``: once ``del
+model`` has run, the optimizer is what keeps the parameters (and their
+gradients) alive, and they are named after it.
 
 Plain data in and out, no IPython; the census keeps no reference to anything
 it saw once it returns.
@@ -34,6 +37,9 @@ HOLDER_KINDS = (
     "parameter",
     "buffer",
     "gradient",
+    # A parameter only an optimizer's param_groups still reach (after `del model`);
+    # ranked below "parameter" so that a live module keeps naming its parameters.
+    "optimizer_param",
     "optimizer_state",
     "attribute",
     "container",
@@ -201,7 +207,8 @@ class _Walker:
             return key
         if t.grad_fn is not None:
             self.graph_roots.append((record, t.grad_fn, path, root, key))
-        elif holder != "gradient":
+        elif holder not in ("gradient", "optimizer_param"):
+            # (An optimizer's parameters name their gradients in optimizer_param.)
             grad = t.grad
             if grad is not None:
                 self.tensor(grad, path + ".grad", "gradient", root)
@@ -313,9 +320,12 @@ class _Walker:
 
     def optimizer(self, path: str, root: str, opt: torch.optim.Optimizer) -> None:
         index_of: dict[int, int] = {}
-        for group in opt.param_groups:
-            for param in group.get("params", []):
+        for number, group in enumerate(opt.param_groups):
+            params = group.get("params", []) if isinstance(group, Mapping) else []
+            for index, param in enumerate(params):
                 index_of.setdefault(id(param), len(index_of))
+                if isinstance(param, torch.Tensor):
+                    self.optimizer_param(param, f"{path}.param_groups[{number}]['params'][{index}]", root)
         for param, state in list(opt.state.items()):
             name = self.param_names.get(id(param))
             label = name if name is not None else f"param {index_of.get(id(param), '?')}"
@@ -324,6 +334,27 @@ class _Walker:
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
                     self.tensor(value, f"{path}.state[{label}][{key!r}]", "optimizer_state", root)
+
+    def optimizer_param(self, param: torch.Tensor, path: str, root: str) -> None:
+        """A parameter reached through ``param_groups``: named after the optimizer only
+        when nothing better (a module, a variable) reaches it."""
+        key = self.tensor(param, path, "optimizer_param", root)
+        grad = param.grad
+        if key is None or grad is None:
+            return
+        # The gradient follows its parameter's name: if a module names the
+        # parameter it has named the gradient too, and a second, shorter
+        # `opt...grad` path must not take the name from it.
+        if self.records[key].path == path:
+            self.tensor(grad, path + ".grad", "gradient", root)
+        else:
+            try:
+                grad_record = self.records.get(id(grad.untyped_storage()))
+            except (RuntimeError, NotImplementedError, TypeError):
+                return  # sparse gradients have no single storage
+            grad_path = path + ".grad"
+            if grad_record is not None and grad_path != grad_record.path and grad_path not in grad_record.also_held_by:
+                grad_record.also_held_by.append(grad_path)
 
     # -- autograd graphs ------------------------------------------------------------
     def _saved(self, node: Any) -> list[str]:

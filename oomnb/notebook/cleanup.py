@@ -5,15 +5,23 @@ keeps things (the user namespace, ``Out``, ``_``/``__``/``___``/``_N``,
 ``sys.last_traceback``), and every action measures the bytes it really freed
 (allocated before and after, with garbage collected) and, when a storage
 survives, says who still holds it.
+
+Actions act on exactly what they are given: root names (a variable, ``Out[n]``,
+an output alias, ``<traceback>``) for ``del``, and, for gradients, the census
+path of one gradient.  :class:`Held` remembers what a root held when a view
+was drawn, so that a view drawn before the user rebound a name never acts on
+what the name holds now.
 """
 
 from __future__ import annotations
 
+import ast
 import re
 import sys
-from collections.abc import Callable, Iterable
+import weakref
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -22,10 +30,132 @@ from ..backends import Backend
 from ..model.units import format_bytes
 from . import recovery
 
-__all__ = ["ActionResult", "Cleaner", "shell_census"]
+__all__ = ["MISSING", "ActionResult", "Cleaner", "Held", "RootKind", "resolve_path", "root_kind", "shell_census"]
 
 _HIDDEN = re.compile(r"^(_i+|_i\d+|_ih|_oh|_dh|In|Out|exit|quit|get_ipython|__.*__)$")
 _OUTPUT_ALIAS = re.compile(r"^(_{1,3}|_\d+)$")
+_OUT_ENTRY = re.compile(r"Out\[(\d+)\]")
+
+#: What a root name is: a namespace variable, an ``Out[n]`` entry, an output
+#: alias (``_``, ``_3``, ``_ (hidden)``) or the last error's traceback.
+RootKind = Literal["variable", "output", "alias", "traceback"]
+
+
+class _Missing:
+    """What :meth:`Cleaner.root_value` gives for a name that holds nothing now."""
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()
+
+
+def root_kind(name: str) -> RootKind:
+    """Which kind of root the census name ``name`` is."""
+    if _OUT_ENTRY.fullmatch(name):
+        return "output"
+    if name == "<traceback>":
+        return "traceback"
+    if _OUTPUT_ALIAS.match(name.removesuffix(" (hidden)")):
+        return "alias"
+    return "variable"
+
+
+@dataclass(frozen=True)
+class Held:
+    """What a root name held when a view was drawn, without keeping it alive.
+
+    A weak reference where the object allows one (tensors, modules,
+    optimizers); otherwise its id and type (lists, dicts, tracebacks), which
+    cannot tell an object from a same-typed one reusing a freed address, but
+    never keeps memory alive.
+    """
+
+    ref: Callable[[], Any] | None
+    ident: int
+    kind: type
+
+    @classmethod
+    def of(cls, value: Any) -> Held:
+        try:
+            ref: Callable[[], Any] | None = weakref.ref(value)
+        except TypeError:
+            ref = None
+        return cls(ref, id(value), type(value))
+
+    def is_(self, value: Any) -> bool:
+        """Whether ``value`` is the very object that was held."""
+        if value is MISSING:
+            return False
+        if self.ref is not None:
+            return self.ref() is value
+        return id(value) == self.ident and type(value) is self.kind
+
+
+def _steps(rest: str) -> list[tuple[str, Any]] | None:
+    """``.name`` and ``[literal]`` steps of a census path after its root, or None."""
+    steps: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(rest):
+        if rest[i] == ".":
+            j = i + 1
+            while j < len(rest) and rest[j] not in ".[":
+                j += 1
+            if j == i + 1:
+                return None
+            steps.append(("attr", rest[i + 1 : j]))
+            i = j
+        elif rest[i] == "[":
+            # A key's repr may contain "]": take the first "]" that closes a literal.
+            j = rest.find("]", i + 1)
+            while j != -1:
+                try:
+                    key = ast.literal_eval(rest[i + 1 : j])
+                    break
+                except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                    j = rest.find("]", j + 1)
+            if j == -1:
+                return None
+            steps.append(("item", key))
+            i = j + 1
+        else:
+            return None  # "{…}", "<key>", "grad_fn→…": not a place one can reach back
+    return steps
+
+
+def _grad_storage(owner: torch.Tensor) -> int:
+    """Where ``owner.grad``'s storage lives (0 for none), without a reference left
+    behind in the caller's frame to keep the gradient alive while it is freed."""
+    grad = owner.grad
+    if grad is None:
+        return 0
+    try:
+        return int(grad.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError, TypeError):
+        return 0  # a sparse gradient has no single storage: freed all the same, just not watched
+
+
+def resolve_path(value: Any, rest: str) -> Any:
+    """The object the census path ``<root>rest`` names inside ``value`` (the root's
+    object), or :data:`MISSING`.  Steps are those the census writes: module
+    children and parameters, instance attributes, and container items."""
+    steps = _steps(rest)
+    if steps is None:
+        return MISSING
+    current = value
+    for kind, key in steps:
+        try:
+            if kind == "item":
+                current = current[key]
+            elif isinstance(current, (torch.nn.Module, torch.Tensor, torch.optim.Optimizer)):
+                current = getattr(current, key)
+            else:
+                # The census read vars(obj): read the same place, not a class property.
+                current = vars(current)[key]
+        except Exception:
+            return MISSING
+    return current
 
 
 def _device_name(backend: Backend) -> str:
@@ -123,6 +253,53 @@ class Cleaner:
         wanted = set(roots)
         return {r.data_ptr for r in self.census().records if r.root in wanted and r.data_ptr}
 
+    # -- what the roots hold ---------------------------------------------------------
+    def root_value(self, name: str) -> Any:
+        """What the census root ``name`` holds now, or :data:`MISSING`."""
+        ns = self.shell.user_ns
+        kind = root_kind(name)
+        if kind == "output":
+            out = ns.get("Out")
+            match = _OUT_ENTRY.fullmatch(name)
+            if not isinstance(out, dict) or match is None:
+                return MISSING
+            return out.get(int(match.group(1)), MISSING)
+        if kind == "traceback":
+            found = last_tracebacks()
+            return found[0] if found else MISSING
+        if kind == "alias" and name.endswith(" (hidden)"):
+            return getattr(self.shell, "user_ns_hidden", {}).get(name.removesuffix(" (hidden)"), MISSING)
+        return ns.get(name, MISSING)
+
+    def snapshot(self, roots: Iterable[str]) -> dict[str, Held]:
+        """What each of ``roots`` holds now, to check with :meth:`changed` before acting."""
+        held = {}
+        for name in roots:
+            value = self.root_value(name)
+            if value is not MISSING:
+                held[name] = Held.of(value)
+        return held
+
+    def changed(self, snapshot: Mapping[str, Held], roots: Iterable[str]) -> list[str]:
+        """Those of ``roots`` that no longer hold what ``snapshot`` saw (or were not in it)."""
+        return [
+            name
+            for name in dict.fromkeys(roots)
+            if name not in snapshot or not snapshot[name].is_(self.root_value(name))
+        ]
+
+    def gradient_owner(self, path: str, root: str) -> torch.Tensor | None:
+        """The tensor whose ``.grad`` the census path ``path`` (under ``root``) names."""
+        if not path.startswith(root) or not path.endswith(".grad"):
+            return None
+        value = self.root_value(root)
+        if value is MISSING or root_kind(root) != "variable":
+            return None
+        owner = resolve_path(value, path[len(root) : -len(".grad")])
+        if isinstance(owner, torch.Tensor) and owner.grad is not None:
+            return owner
+        return None
+
     # -- actions ------------------------------------------------------------------------
     def delete(self, names: list[str]) -> ActionResult:
         """``del`` the chosen variables (or ``Out[n]`` entries) from the namespace."""
@@ -133,7 +310,7 @@ class Cleaner:
         def change() -> str | None:
             missing = []
             for name in names:
-                match = re.fullmatch(r"Out\[(\d+)\]", name)
+                match = _OUT_ENTRY.fullmatch(name)
                 if match:
                     self._forget_output(int(match.group(1)))
                 elif name == "<traceback>":
@@ -193,19 +370,36 @@ class Cleaner:
 
         return self._measured("clear traceback", [], change)
 
-    def free_gradients(self, names: list[str]) -> ActionResult:
-        """``zero_grad(set_to_none=True)`` on the chosen modules and optimizers."""
+    def free_gradients(self, names: list[str], gradients: Mapping[str, str] | None = None) -> ActionResult:
+        """``zero_grad(set_to_none=True)`` on the chosen modules and optimizers, and
+        ``p.grad = None`` for single gradients: ``gradients`` maps a gradient's
+        census path (``model.fc.weight.grad``) to its root (``model``)."""
         ns = self.shell.user_ns
         chosen = [n for n in names if isinstance(ns.get(n), (torch.nn.Module, torch.optim.Optimizer))]
+        owners: dict[str, torch.Tensor] = {}
+        unknown: list[str] = []
+        for path, root in (gradients or {}).items():
+            owner = self.gradient_owner(path, root)
+            if owner is None:
+                unknown.append(path)
+            else:
+                owners[path] = owner
+        watch = {ptr for owner in owners.values() if (ptr := _grad_storage(owner))}
 
         def change() -> str | None:
-            if not chosen:
+            if unknown:
+                # Act on all of the selection or on none of it.
+                return f"no gradient at {', '.join(unknown)}; nothing was done"
+            if not chosen and not owners:
                 return "choose a module or an optimizer"
             for name in chosen:
                 ns[name].zero_grad(set_to_none=True)
+            for owner in owners.values():
+                owner.grad = None
             return None
 
-        return self._measured("free gradients of", chosen, change)
+        targets = chosen + list(owners) + unknown
+        return self._measured("free gradients of", targets, change, watch)
 
     def detach(self, names: list[str]) -> ActionResult:
         """``x = x.detach()`` for tensors holding autograd graphs (also inside lists and dicts)."""
