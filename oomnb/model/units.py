@@ -10,8 +10,11 @@ import math
 import re
 from dataclasses import dataclass
 
+from .safe import safe_repr
+
 __all__ = [
     "CARDS",
+    "MAX_SIZE",
     "Card",
     "format_bytes",
     "format_size_like_torch",
@@ -50,7 +53,20 @@ _UNITS = {
     "tib": TiB,
 }
 
-_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+# The number as today's forms write it ("4", ".5", "1.5", "1e9"), with a minus
+# sign so that a negative size is named as such.  Each part is unambiguous, so a
+# failed match costs one pass, however long the text.
+_SIZE_RE = re.compile(r"^\s*(-?(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+# "inf" and "nan" with or without a unit: float() would take them.
+_NOT_FINITE_RE = re.compile(r"^\s*[+-]?(?:inf(?:inity)?|nan)\s*(?:[kmgt]i?b?|b)?\s*$", re.I)
+
+#: The largest size accepted, in bytes: 16 EiB, past any device's memory.
+MAX_SIZE = 2**64
+
+_SIZE_HINT = "use a number of bytes above zero, such as 4096, or one with a unit, such as 512MB or 4GiB"
+_LIMIT_HINT = "use a size such as 4GiB or 512MB, or a card name such as T4"
+# How much of a rejected text an error message quotes.
+_SHOWN = 60
 
 
 def parse_size(text: str | int | float) -> int:
@@ -58,31 +74,72 @@ def parse_size(text: str | int | float) -> int:
 
     Decimal units (kB, MB, GB, TB) are powers of 1000 and binary units (KiB,
     MiB, GiB, TiB) powers of 1024, as in the allocator's own messages.  A bare
-    ``G``/``M``/``K`` is read as the decimal unit.
+    ``G``/``M``/``K`` is read as the decimal unit.  A size is a whole number of
+    bytes, at least one and at most :data:`MAX_SIZE`; a fraction of a byte is
+    dropped.
 
     Raises
     ------
     ValueError
-        With a one-line message when ``text`` is not a size.
+        With a one-line message saying what is wrong and what is accepted,
+        when ``text`` is not a size: not a number, not finite (``inf``,
+        ``nan``), negative, zero, or larger than :data:`MAX_SIZE`.
     """
+    return _parse_size(text, _SIZE_HINT)
+
+
+def _parse_size(text: object, hint: str) -> int:
+    """:func:`parse_size`, with ``hint`` to say what is accepted instead."""
+    shown = safe_repr(text, _SHOWN)
     if isinstance(text, bool):
-        raise ValueError(f"not a size: {text!r}")
+        raise ValueError(f"not a size: {shown} ({hint})")
     if isinstance(text, int):
-        if text < 0:
-            raise ValueError(f"a size cannot be negative: {text}")
-        return text
+        return _whole_bytes(text, text, shown, hint)
     if isinstance(text, float):
-        if not math.isfinite(text) or text < 0:
-            raise ValueError(f"not a size: {text!r}")
-        return int(text)
-    match = _SIZE_RE.match(str(text))
+        if not math.isfinite(text):
+            raise ValueError(f"not a finite size: {shown} ({hint})")
+        return _whole_bytes(text, int(text), shown, hint)
+    try:
+        # str(), as before: a numpy integer reads as its digits.
+        raw = str(text)
+    except Exception:
+        raise ValueError(f"not a size: {shown} ({hint})") from None
+    if _NOT_FINITE_RE.match(raw):
+        raise ValueError(f"not a finite size: {shown} ({hint})")
+    match = _SIZE_RE.match(raw)
     if not match:
-        raise ValueError(f"not a size: {text!r} (try 4GiB, 512MB or a card name such as T4)")
+        raise ValueError(f"not a size: {shown} ({hint})")
     number, unit = match.groups()
     factor = _UNITS.get(unit.lower())
     if factor is None:
-        raise ValueError(f"unknown unit {unit!r} in {text!r} (use B, KB, MB, GB, KiB, MiB or GiB)")
-    return int(float(number) * factor)
+        raise ValueError(
+            f"unknown unit {safe_repr(unit, _SHOWN)} in {shown} (use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB)"
+        )
+    # float() overflows to inf rather than raising, so this is never an error.
+    value = float(number) * factor
+    digits = number.lstrip("-").lstrip("0") or "0"
+    if digits.isdigit() and abs(value) <= MAX_SIZE:
+        # Exact, where float() would round sizes past 2**53; a negative one
+        # is refused on its value below.
+        nbytes = int(digits) * factor
+    elif math.isfinite(value):
+        nbytes = int(value)
+    else:
+        nbytes = MAX_SIZE + 1 if value > 0 else -1
+    return _whole_bytes(value, nbytes, shown, hint)
+
+
+def _whole_bytes(value: float, nbytes: int, shown: str, hint: str) -> int:
+    """``nbytes``, the size ``value`` as whole bytes, once known to be sane."""
+    if value < 0:
+        raise ValueError(f"a size cannot be negative: {shown} ({hint})")
+    if value == 0:
+        raise ValueError(f"a size must be larger than zero: {shown} ({hint})")
+    if nbytes > MAX_SIZE:
+        raise ValueError(f"too large: {shown} is more than 2**64 bytes ({hint})")
+    if nbytes == 0:
+        raise ValueError(f"less than one byte: {shown} ({hint})")
+    return nbytes
 
 
 def round_allocation(nbytes: int) -> int:
@@ -170,15 +227,18 @@ def parse_limit(text: str | int) -> tuple[int, Card | None]:
     """Parse ``--limit``: a size (``4GiB``) or a card name (``T4``).
 
     Returns the capacity in bytes and the card, if one was named.
+
+    Raises
+    ------
+    ValueError
+        With a one-line message, for an unknown card or a text that
+        :func:`parse_size` rejects.
     """
     if isinstance(text, str):
         card = lookup_card(text)
         if card is not None:
             return card.capacity_bytes, card
-        if text.strip() and text.strip()[0].isalpha():
+        if text.strip() and text.strip()[0].isalpha() and not _NOT_FINITE_RE.match(text):
             known = ", ".join(c.name for c in CARDS.values())
-            raise ValueError(f"unknown card {text!r}; known cards: {known}")
-    nbytes = parse_size(text)
-    if nbytes <= 0:
-        raise ValueError(f"a limit must be larger than zero: {text!r}")
-    return nbytes, None
+            raise ValueError(f"unknown card {safe_repr(text, _SHOWN)}; known cards: {known}")
+    return _parse_size(text, _LIMIT_HINT), None
