@@ -2,21 +2,47 @@
 
 PyTorch has phrased its allocator failures in several ways over the years;
 :func:`parse_oom_message` reads all of them into one :class:`OomFacts`.  It is
-a pure function over text and never raises, whatever it is given.
+a pure function over text that never raises, whatever it is given, and runs in
+time linear in the length of the text.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["OomFacts", "is_oom_error", "parse_oom_message"]
+__all__ = ["MAX_BYTES", "OomFacts", "is_oom_error", "parse_oom_message"]
+
+
+def _atomic(name: str, body: str) -> str:
+    """``body`` as an atomic group captured as ``name``.
+
+    Once matched it is never given back, so a failure after a long run of
+    digits or blanks costs one pass over it, not one retry per character.
+    Python 3.10 has no ``(?>...)``; a lookahead is atomic, and the
+    backreference then consumes what it matched.
+    """
+    return f"(?=(?P<{name}>{body}))(?P={name})"
+
 
 # Sizes as c10's format_size prints them ("20.00 MiB", "0 bytes").  MPS prints
 # binary sizes with decimal-looking units ("1024.00 MB"), so KB/MB/GB are read
 # as binary here: in these messages they always are.
-_SIZE = r"(\d+(?:\.\d+)?)\s*(bytes|byte|B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)"
+#
+# The lookbehind keeps searches linear: without it, a pattern that opens with
+# a size retries from every digit of a long digit run, each try rescanning the
+# rest of the run.  It drops no match, since a match starting after a digit
+# implies one starting at that digit, and search returns the leftmost.  The
+# atomic groups drop none either: a unit never starts with a digit, a dot or
+# a blank, so giving one back could never let the rest match.
+_SIZE = (
+    r"(?<!\d)"
+    + _atomic("number", r"\d+(?:\.\d+)?")
+    + _atomic("blank", r"\s*")
+    + r"(?P<unit>bytes|byte|B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)"
+)
 _UNIT = {
     "bytes": 1,
     "byte": 1,
@@ -31,40 +57,53 @@ _UNIT = {
     "tb": 1024**4,
 }
 
-_PATTERNS: dict[str, list[re.Pattern[str]]] = {
+# Phrasings where the words follow the size.  Searched one by one, each would
+# scan every digit of the text again; as one pattern the text is scanned
+# once, and the first match of each group is that phrasing's leftmost match:
+# no two start with the same word, and none holds a digit, so matches of
+# different phrasings cannot overlap.
+_WORDS_AFTER = {
+    "total_capacity": r" total capacity",
+    "free": r" free\b",
+    "already_allocated": r" already allocated",
+    "reserved_unallocated": r" is reserved by PyTorch but unallocated",
+    "reserved_in_total": r" reserved in total by PyTorch",
+    "cached": r" cached\)",
+    "allowed": r" allowed;",
+}
+_SIZE_THEN_WORDS = re.compile(
+    _SIZE + "(?:" + "|".join(f"(?P<{name}>{words})" for name, words in _WORDS_AFTER.items()) + ")", re.I
+)
+
+# Tried in order for each field, the first phrasing found wins.  A str names
+# a phrasing of _WORDS_AFTER.
+_PATTERNS: dict[str, list[re.Pattern[str] | str]] = {
     "requested_bytes": [
         re.compile(r"Tried to allocate " + _SIZE, re.I),
-        re.compile(r"you tried to allocate (\d+)()", re.I),
+        re.compile(r"you tried to allocate (?P<number>\d+)", re.I),
     ],
     "capacity_bytes": [
         # "total capacty" is how PyTorch 2.1 spelled it.
         re.compile(r"total capac(?:i)?ty of " + _SIZE, re.I),
-        re.compile(_SIZE + r" total capacity", re.I),
+        "total_capacity",
         re.compile(r"max allowed: " + _SIZE, re.I),
     ],
     "free_bytes": [
         re.compile(r"of which " + _SIZE + r" is free", re.I),
-        re.compile(_SIZE + r" free\b", re.I),
+        "free",
     ],
     "allocated_bytes": [
         re.compile(r"Of the allocated memory " + _SIZE + r" is allocated by PyTorch", re.I),
-        re.compile(_SIZE + r" already allocated", re.I),
+        "already_allocated",
         re.compile(r"MPS allocated: " + _SIZE, re.I),
     ],
-    "reserved_unallocated_bytes": [
-        re.compile(_SIZE + r" is reserved by PyTorch but unallocated", re.I),
-    ],
-    "reserved_bytes": [
-        re.compile(_SIZE + r" reserved in total by PyTorch", re.I),
-        re.compile(_SIZE + r" cached\)", re.I),
-    ],
+    "reserved_unallocated_bytes": ["reserved_unallocated"],
+    "reserved_bytes": ["reserved_in_total", "cached"],
     "process_bytes": [
         re.compile(r"this process has " + _SIZE + r" memory in use", re.I),
-        re.compile(r"Process \d+ has " + _SIZE + r" memory in use", re.I),
+        re.compile(r"Process " + _atomic("pid", r"\d+") + r" has " + _SIZE + r" memory in use", re.I),
     ],
-    "allowed_bytes": [
-        re.compile(_SIZE + r" allowed;", re.I),
-    ],
+    "allowed_bytes": ["allowed"],
     "other_bytes": [
         re.compile(r"other allocations: " + _SIZE, re.I),
     ],
@@ -87,7 +126,18 @@ _OOM_TEXT = re.compile(
     re.I,
 )
 
-_GPU_INDEX = re.compile(r"\bGPU (\d+)\b")
+_GPU_INDEX = re.compile(r"\bGPU " + _atomic("index", r"\d+") + r"\b")
+
+#: Figures above this many bytes are read as unknown: no allocator has seen
+#: one, and a text that claims one is corrupt or hostile.
+MAX_BYTES = 2**64
+# 2**64 has 20 digits: a longer whole part (leading zeros aside) is always
+# too large, whatever the unit, and is rejected before int() sees it, which
+# would be quadratic on it and refuses more than 4300 digits anyway.
+_MAX_DIGITS = len(str(MAX_BYTES))
+# Digits of a fraction past these are worth far less than a byte, even in TiB,
+# and float() need not read a megabyte of them.
+_MAX_FRACTION_DIGITS = 30
 
 
 @dataclass
@@ -120,8 +170,44 @@ class OomFacts:
         return asdict(self)
 
 
-def _to_bytes(number: str, unit: str) -> int:
-    return round(float(number) * _UNIT.get(unit.lower(), 1))
+def _bounded(value: int | None) -> int | None:
+    """``value``, or None when it is negative or past :data:`MAX_BYTES`."""
+    if value is None or not 0 <= value <= MAX_BYTES:
+        return None
+    return value
+
+
+def _whole(digits: str) -> int | None:
+    """A run of digits as an int, or None when it is absurdly large."""
+    digits = digits.lstrip("0") or "0"
+    if len(digits) > _MAX_DIGITS:
+        return None
+    try:
+        return _bounded(int(digits))
+    except ValueError:  # pragma: no cover - \d and int() agree on what a digit is
+        return None
+
+
+def _to_bytes(number: str, unit: str) -> int | None:
+    """``number`` ``unit`` in bytes, or None when it is not a sane figure."""
+    factor = _UNIT.get(unit.lower())
+    if factor is None:
+        # re.I matches "KıB" (dotless i) as KiB; its lower() is no unit here.
+        return None
+    whole, _, fraction = number.partition(".")
+    count = _whole(whole)
+    if count is None:
+        return None
+    if not fraction:
+        # Exact, where float() would round figures past 2**53.
+        return _bounded(count * factor)
+    try:
+        value = float(f"{count}.{fraction[:_MAX_FRACTION_DIGITS]}") * factor
+    except ValueError:  # pragma: no cover - \d and float() agree on what a digit is
+        return None
+    if not math.isfinite(value):  # pragma: no cover - bounded above, so always finite
+        return None
+    return _bounded(round(value))
 
 
 def parse_oom_message(message: object) -> OomFacts:
@@ -131,7 +217,13 @@ def parse_oom_message(message: object) -> OomFacts:
     ...)"), 2.x ("GPU 0 has a total capacity of ... of which ... is free"),
     the 2.1 spelling "capacty", HIP and XPU, MPS ("MPS allocated: ..."), the
     CPU allocator ("you tried to allocate N bytes") and oomnb's simulated
-    device.  Never raises.
+    device.
+
+    Never raises, and takes time linear in the length of the text: it runs
+    while an error is being handled, where a second error or a hang would
+    hide the first.  A figure that is not a plain number of at most
+    :data:`MAX_BYTES` bytes is read as unknown (``None``).  Anything but a
+    ``str`` gives the empty :class:`OomFacts`.
 
     Examples
     --------
@@ -140,10 +232,10 @@ def parse_oom_message(message: object) -> OomFacts:
     >>> f.requested_bytes, f.kind
     (20971520, 'cuda')
     """
-    try:
-        text = str(message)
-    except Exception:
+    if not isinstance(message, str):
         return OomFacts()
+    # A subclass's own methods could raise or lie; read the plain characters.
+    text = str.__str__(message)
     facts = OomFacts()
     for kind, pattern in _KINDS:
         if pattern.search(text):
@@ -151,13 +243,20 @@ def parse_oom_message(message: object) -> OomFacts:
             break
     index = _GPU_INDEX.search(text)
     if index:
-        facts.device_index = int(index.group(1))
+        facts.device_index = _whole(index.group("index"))
+    size_first: dict[str, re.Match[str]] = {}
+    for found in _SIZE_THEN_WORDS.finditer(text):
+        if found.lastgroup is not None:
+            size_first.setdefault(found.lastgroup, found)
+        if len(size_first) == len(_WORDS_AFTER):
+            break
     for field, patterns in _PATTERNS.items():
-        for pattern in patterns:
-            found = pattern.search(text)
-            if found:
-                number, unit = found.group(1), found.group(2) or "bytes"
-                setattr(facts, field, _to_bytes(number, unit))
+        for phrasing in patterns:
+            match = size_first.get(phrasing) if isinstance(phrasing, str) else phrasing.search(text)
+            if match:
+                # An absurd figure is unknown rather than a reason to try the
+                # next phrasing: it is what the message said.
+                setattr(facts, field, _to_bytes(match.group("number"), match.groupdict().get("unit") or "bytes"))
                 break
     if facts.kind == "mps" and facts.capacity_bytes is not None and facts.allocated_bytes is not None:
         facts.free_bytes = max(0, facts.capacity_bytes - facts.allocated_bytes - (facts.other_bytes or 0))
@@ -173,14 +272,17 @@ def parse_oom_message(message: object) -> OomFacts:
         and facts.reserved_unallocated_bytes is not None
         and facts.allocated_bytes is not None
     ):
-        facts.reserved_bytes = facts.allocated_bytes + facts.reserved_unallocated_bytes
+        facts.reserved_bytes = _bounded(facts.allocated_bytes + facts.reserved_unallocated_bytes)
     return facts
 
 
 def is_oom_error(exc: BaseException) -> bool:
     """True for ``torch.OutOfMemoryError`` and the allocator failures that
     arrive as plain ``RuntimeError`` (CPU "can't allocate memory", MPS "out of
-    memory", cuBLAS/cuDNN allocation failures)."""
+    memory", cuBLAS/cuDNN allocation failures).
+
+    An exception whose ``str()`` raises is not one of them.
+    """
     try:
         import torch
 
@@ -191,5 +293,10 @@ def is_oom_error(exc: BaseException) -> bool:
     if isinstance(exc, (RuntimeError, MemoryError)):
         if isinstance(exc, MemoryError):
             return True
-        return bool(_OOM_TEXT.search(str(exc)))
+        try:
+            text = str(exc)
+        except Exception:
+            # Asked while the error is handled: a second one would hide it.
+            return False
+        return bool(_OOM_TEXT.search(text))
     return False
