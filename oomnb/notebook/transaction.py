@@ -1,0 +1,463 @@
+"""The cell as a transaction: what the user had before a cell, and how a failed cell is undone.
+
+Before a measured cell runs, a :class:`Ledger` records, cheaply and without
+keeping anything alive (weak references, ids, version counters), what the
+user had: the object each name was bound to, the storages of tensors held at
+the top of the namespace and in its containers, every parameter's gradient
+(absent, or which tensor at which version) and every optimizer's state
+entries.
+
+After an out-of-memory error, :meth:`Ledger.roll_back` decides by
+*provenance*, not by ``id()``:
+
+- a name the cell bound to something new is removed only if its value is not
+  the only way left to reach something that existed before the cell (a
+  wrapper around the old model, a view of the old tensor, a numpy array's
+  memory, a dict built from the old one are kept); where the name's earlier
+  object is still alive, the name is bound to it again;
+- gradients that were ``None`` before the cell are ``None`` again; a gradient
+  the cell replaced is dropped; one the cell added to in place is kept and
+  counted;
+- optimizer state entries the cell created are removed; entries it changed in
+  place are kept and counted;
+- what stays changed is said in one line each (``notes``), never hidden.
+
+No IPython here: a namespace is a dict.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import weakref
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..analysis.census import holds_tensors
+
+__all__ = ["IPYTHON_NAMES", "Ledger", "Rollback"]
+
+#: Names IPython binds by itself: never recorded, never rolled back.
+IPYTHON_NAMES = re.compile(r"^(_+|_i+|_i\d+|_\d+|_ih|_oh|_dh|In|Out|exit|quit|get_ipython)$")
+
+_ATOMS = (str, bytes, bytearray, int, float, complex, bool, type(None), range, slice)
+# Never walked into: they hold no data of the user's, and walking a module
+# would walk a library.
+_OPAQUE = (
+    types.ModuleType,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+    type,
+    types.CodeType,
+    types.FrameType,
+    types.TracebackType,
+    types.GeneratorType,
+)
+# Per name, at most this many container items are recorded before a cell:
+# the ledger's cost stays bounded however big a list the notebook keeps.
+_ITEMS_PER_NAME = 256
+_WALK_DEPTH = 6
+_WALK_BUDGET = 500_000
+
+
+def _weak(value: Any) -> weakref.ref[Any] | None:
+    try:
+        return weakref.ref(value)
+    except TypeError:
+        return None
+
+
+def _storage(tensor: torch.Tensor) -> Any:
+    try:
+        return tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+@dataclass
+class _Binding:
+    ident: int
+    ref: weakref.ref[Any] | None
+    kind: type
+    length: int | None
+
+    def holds(self, value: Any) -> bool:
+        """Whether ``value`` is the object this name was bound to before the cell."""
+        if self.ref is not None:
+            return self.ref() is value
+        # Not weakly referenceable (a list, a dict): id and type, which a
+        # new object of the same type could reuse. Such a false "same" keeps
+        # the name (a leak at worst), never deletes data.
+        return id(value) == self.ident and type(value) is self.kind
+
+
+@dataclass
+class _Param:
+    ref: weakref.ref[Any]
+    version: int
+    grad: weakref.ref[Any] | None
+    grad_version: int
+
+
+@dataclass
+class _Optimizer:
+    ref: weakref.ref[Any]
+    #: id(param) -> {state key: (weak ref to tensor, version) or repr of a plain value}
+    entries: dict[int, dict[Any, Any]]
+
+
+@dataclass
+class Rollback:
+    """What :meth:`Ledger.roll_back` did."""
+
+    released: list[str] = field(default_factory=list)
+    restored: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class _Old:
+    """What existed before the cell and is still alive: ids checked through weak refs."""
+
+    def __init__(self) -> None:
+        self.objects: dict[int, weakref.ref[Any]] = {}
+        self.storages: dict[int, weakref.ref[Any]] = {}
+        self.arrays: list[tuple[weakref.ref[Any], int, int]] = []
+
+    def add(self, value: Any) -> None:
+        ref = _weak(value)
+        if ref is not None:
+            self.objects[id(value)] = ref
+        if isinstance(value, torch.Tensor):
+            self.add_storage(value)
+        elif type(value).__module__ == "numpy" and type(value).__name__ == "ndarray" and ref is not None:
+            try:
+                start = int(value.__array_interface__["data"][0])
+                self.arrays.append((ref, start, start + int(value.nbytes)))
+            except Exception:
+                return
+
+    def add_storage(self, tensor: torch.Tensor) -> None:
+        storage = _storage(tensor)
+        if storage is not None:
+            ref = _weak(storage)
+            if ref is not None:
+                self.storages[id(storage)] = ref
+
+    def object_key(self, value: Any) -> int | None:
+        ref = self.objects.get(id(value))
+        return id(value) if ref is not None and ref() is value else None
+
+    def storage_key(self, tensor: torch.Tensor) -> int | None:
+        storage = _storage(tensor)
+        if storage is None:
+            return None
+        ref = self.storages.get(id(storage))
+        if ref is not None and ref() is storage:
+            return id(storage)
+        if self.arrays and storage.device.type == "cpu":
+            pointer = storage.data_ptr()
+            for array_ref, start, end in self.arrays:
+                array = array_ref()
+                if array is not None and start <= pointer < end:
+                    return id(array)
+        return None
+
+
+class Ledger:
+    """What the user had before a cell (see the module's docstring)."""
+
+    def __init__(self, user_ns: dict[str, Any]) -> None:
+        self.bindings: dict[str, _Binding] = {}
+        self.old = _Old()
+        self.params: dict[int, _Param] = {}
+        self.optimizers: list[_Optimizer] = []
+        modules: list[torch.nn.Module] = []
+        optimizers: list[torch.optim.Optimizer] = []
+        for name, value in list(user_ns.items()):
+            if IPYTHON_NAMES.match(name) or name.startswith("__"):
+                continue
+            length = None
+            if isinstance(value, (list, dict, set, tuple)):
+                length = len(value)
+            self.bindings[name] = _Binding(id(value), _weak(value), type(value), length)
+            for item in self._first_items(value):
+                self.old.add(item)
+                if isinstance(item, torch.nn.Module):
+                    modules.append(item)
+                elif isinstance(item, torch.optim.Optimizer):
+                    optimizers.append(item)
+        seen: set[int] = set()
+        for module in modules:
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            for sub in module.modules():
+                self.old.add(sub)
+            for param in module.parameters():
+                self._record_param(param)
+            for buffer in module.buffers():
+                self.old.add_storage(buffer)
+        for opt in optimizers:
+            if id(opt) in seen:
+                continue
+            seen.add(id(opt))
+            self._record_optimizer(opt)
+
+    @staticmethod
+    def _first_items(value: Any) -> Iterator[Any]:
+        """``value`` and, for containers and plain objects, what they hold (two levels, bounded)."""
+        yield value
+        count = 0
+        stack: list[tuple[Any, int]] = [(value, 0)]
+        while stack and count < _ITEMS_PER_NAME:
+            current, depth = stack.pop()
+            if depth >= 2 or isinstance(
+                current, (_ATOMS, _OPAQUE, torch.Tensor, torch.nn.Module, torch.optim.Optimizer)
+            ):
+                continue
+            items: Iterable[Any]
+            if isinstance(current, dict):
+                items = list(current.values())[:_ITEMS_PER_NAME]
+            elif isinstance(current, (list, tuple, set, frozenset)):
+                items = list(current)[:_ITEMS_PER_NAME]
+            elif isinstance(getattr(current, "__dict__", None), dict) and not callable(current):
+                items = list(vars(current).values())[:_ITEMS_PER_NAME]
+            else:
+                continue
+            for item in items:
+                if isinstance(item, (_ATOMS, _OPAQUE)):
+                    continue
+                count += 1
+                yield item
+                stack.append((item, depth + 1))
+                if count >= _ITEMS_PER_NAME:
+                    break
+
+    def _record_param(self, param: torch.Tensor) -> None:
+        if id(param) in self.params:
+            return
+        grad = param.grad
+        self.params[id(param)] = _Param(
+            weakref.ref(param),
+            param._version,
+            weakref.ref(grad) if grad is not None else None,
+            grad._version if grad is not None else 0,
+        )
+        self.old.add(param)
+        if grad is not None:
+            self.old.add_storage(grad)
+
+    def _record_optimizer(self, opt: torch.optim.Optimizer) -> None:
+        entries: dict[int, dict[Any, Any]] = {}
+        for group in opt.param_groups:
+            for param in group.get("params", []):
+                if isinstance(param, torch.Tensor):
+                    self._record_param(param)
+        for param, state in list(opt.state.items()):
+            recorded: dict[Any, Any] = {}
+            if isinstance(state, dict):
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor):
+                        recorded[key] = (weakref.ref(value), value._version)
+                        self.old.add_storage(value)
+                    else:
+                        recorded[key] = repr(value)[:200]
+            entries[id(param)] = recorded
+        self.optimizers.append(_Optimizer(weakref.ref(opt), entries))
+
+    # -- after a failure ----------------------------------------------------------------
+    def roll_back(self, user_ns: dict[str, Any], *, extra_roots: Iterable[Any] = ()) -> Rollback:
+        """Undo what a failed cell created; keep and report what it changed in place."""
+        outcome = Rollback()
+        self._undo_gradients(outcome)
+        self._undo_optimizer_state(outcome)
+        self._undo_names(user_ns, list(extra_roots), outcome)
+        self._report_containers(user_ns, outcome)
+        return outcome
+
+    def _undo_names(self, user_ns: dict[str, Any], extra_roots: list[Any], outcome: Rollback) -> None:
+        candidates: dict[str, Any] = {}
+        for name, value in list(user_ns.items()):
+            if IPYTHON_NAMES.match(name) or name.startswith("__"):
+                continue
+            binding = self.bindings.get(name)
+            if binding is not None and binding.holds(value):
+                continue
+            if holds_tensors(value):
+                candidates[name] = value
+        # Names the cell deleted whose earlier object is still alive elsewhere.
+        for name, binding in self.bindings.items():
+            if name not in user_ns and binding.ref is not None and binding.ref() is not None:
+                user_ns[name] = binding.ref()
+                outcome.restored.append(name)
+        if not candidates:
+            return
+        # What stays reachable without the candidates: everything else the
+        # user has, and IPython's output cache.
+        others = [v for n, v in user_ns.items() if n not in candidates and not IPYTHON_NAMES.match(n) and n[:2] != "__"]
+        # A path to old data through a candidate, or through the namespace
+        # itself (IPython's objects reach it), does not count: the walk never
+        # enters them.
+        fenced = {id(user_ns), *(id(v) for v in candidates.values())}
+        reachable = _old_reached([*others, *extra_roots], self.old, fenced)
+        # A candidate kept because it is the only way to old data makes that
+        # data reachable: the candidates after it need not keep it too.
+        for name, value in candidates.items():
+            reached = _old_reached([value], self.old, {id(user_ns)})
+            if reached - reachable:
+                outcome.kept.append(name)
+                reachable |= reached
+                continue
+            del user_ns[name]
+            outcome.released.append(name)
+            binding = self.bindings.get(name)
+            earlier = binding.ref() if binding is not None and binding.ref is not None else None
+            if earlier is not None:
+                user_ns[name] = earlier
+                outcome.restored.append(name)
+        if outcome.kept:
+            outcome.notes.append(
+                "kept "
+                + ", ".join(f"`{n}`" for n in outcome.kept)
+                + ": the failed cell bound "
+                + ("it" if len(outcome.kept) == 1 else "them")
+                + " to objects that hold what you had before the cell (a wrapper, a view)"
+            )
+
+    def _undo_gradients(self, outcome: Rollback) -> None:
+        dropped = changed = weights = 0
+        for entry in self.params.values():
+            param = entry.ref()
+            if param is None:
+                continue
+            if param._version != entry.version:
+                weights += 1
+            grad = param.grad
+            if grad is None:
+                continue
+            before = entry.grad() if entry.grad is not None else None
+            if before is not None and grad is before:
+                if grad._version != entry.grad_version:
+                    changed += 1
+                continue
+            # A gradient the cell created (there was none, or the cell set it
+            # to None and backward made a new one): part of no complete step.
+            param.grad = None
+            dropped += 1
+        total = len(self.params)
+        if dropped:
+            outcome.released.append(f"gradients of {dropped} parameter{'s' if dropped != 1 else ''}")
+        if changed:
+            outcome.notes.append(
+                f"the failed cell added to the existing gradients of {changed} of {total} parameters "
+                "(kept): call `opt.zero_grad()` before rerunning"
+            )
+        if weights:
+            outcome.notes.append(
+                f"the failed cell changed the weights of {weights} of {total} parameters in place (kept)"
+            )
+
+    def _undo_optimizer_state(self, outcome: Rollback) -> None:
+        removed = changed = 0
+        for entry in self.optimizers:
+            opt = entry.ref()
+            if opt is None:
+                continue
+            for param in list(opt.state.keys()):
+                recorded = entry.entries.get(id(param))
+                if recorded is None:
+                    del opt.state[param]
+                    removed += 1
+                    continue
+                state = opt.state[param]
+                if not isinstance(state, dict):
+                    continue
+                for key, value in list(state.items()):
+                    before = recorded.get(key)
+                    if isinstance(value, torch.Tensor):
+                        if isinstance(before, tuple):
+                            if before[0]() is not value or before[1] != value._version:
+                                changed += 1
+                                break
+                        else:
+                            changed += 1
+                            break
+                    elif before != repr(value)[:200]:
+                        changed += 1
+                        break
+        if removed:
+            outcome.released.append(f"optimizer state of {removed} parameter{'s' if removed != 1 else ''}")
+        if changed:
+            outcome.notes.append(
+                f"the failed cell changed the optimizer state of {changed} parameter{'s' if changed != 1 else ''}"
+                " in place (kept)"
+            )
+
+    def _report_containers(self, user_ns: dict[str, Any], outcome: Rollback) -> None:
+        for name, binding in self.bindings.items():
+            if binding.length is None or name not in user_ns:
+                continue
+            value = user_ns[name]
+            if not binding.holds(value) or not hasattr(value, "__len__"):
+                continue
+            grown = len(value) - binding.length
+            if grown > 0 and holds_tensors(value):
+                outcome.notes.append(
+                    f"`{name}` existed before the cell and the failed cell added {grown} item"
+                    f"{'s' if grown != 1 else ''} to it (kept)"
+                )
+
+
+def _old_reached(roots: list[Any], old: _Old, fenced: set[int]) -> set[int]:
+    """Keys of the old objects and storages reachable from ``roots``, never entering ``fenced`` ids."""
+    found: set[int] = set()
+    visited: set[int] = set(fenced)
+    stack: list[tuple[Any, int]] = [(root, 0) for root in roots]
+    budget = _WALK_BUDGET
+    while stack and budget > 0:
+        value, depth = stack.pop()
+        budget -= 1
+        if isinstance(value, (_ATOMS, _OPAQUE)):
+            continue
+        key = id(value)
+        if key in visited:
+            continue
+        visited.add(key)
+        hit = old.object_key(value)
+        if hit is not None:
+            found.add(hit)
+        if isinstance(value, torch.Tensor):
+            storage_hit = old.storage_key(value)
+            if storage_hit is not None:
+                found.add(storage_hit)
+            base = value._base
+            if base is not None:
+                stack.append((base, depth + 1))
+            continue
+        if depth >= _WALK_DEPTH:
+            continue
+        children: Iterable[Any]
+        if isinstance(value, torch.nn.Module):
+            children = [
+                *value._parameters.values(),
+                *value._buffers.values(),
+                *value._modules.values(),
+                *(v for k, v in vars(value).items() if not k.startswith("_")),
+            ]
+        elif isinstance(value, torch.optim.Optimizer):
+            children = [p for g in value.param_groups for p in g.get("params", [])]
+        elif isinstance(value, dict):
+            children = list(value.values())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            children = list(value)
+        elif isinstance(getattr(value, "__dict__", None), dict) and not isinstance(value, type):
+            children = list(vars(value).values())
+        else:
+            continue
+        stack.extend((child, depth + 1) for child in children if child is not None)
+    return found
