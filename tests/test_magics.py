@@ -245,6 +245,7 @@ def test_oom_inside_backward_drops_the_partial_gradients(shell: Any) -> None:
     shell.run(f"%%gpumem --limit {baseline + 64 * MiB}\nloss = model(torch.randn(4096, 512)).sum()\nloss.backward()")
     report = oomnb.last_report()
     assert report is not None and report.oom is not None
-    assert "model (gradients)" in report.released_names
+    # the gradients backward wrote before failing belong to no complete step
+    assert "gradients of 2 parameters" in report.released_names
     assert all(p.grad is None for p in shell.ns["model"].parameters())
     assert shell.allocated() == baseline

@@ -20,6 +20,7 @@ import contextlib
 import copy
 import functools
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -528,29 +529,28 @@ def dry_run_cell(
     no_grad: bool = False,
     checkpoint: bool = False,
 ) -> DryRun:
-    """Run a notebook cell's compiled ``code`` on fake copies of the names it uses.
+    """Run a notebook cell's compiled ``code`` with ``namespace`` as its globals, on fake tensors.
 
-    Models, optimizers, tensors and containers of them are copied to fake
-    tensors together (sharing is kept: an optimizer still points at its
-    model's parameters); other values are passed as they are, ``overrides``
-    (``{"batch_size": 64}``) replace values.  The user's namespace is not
-    changed.
+    Every value of ``namespace`` that holds tensors (models, optimizers,
+    tensors, containers and objects holding them) is replaced by a fake copy,
+    all copied together so that sharing is kept (an optimizer still points at
+    its model's parameters); ``overrides`` (``{"batch_size": 64}``) replace
+    values.  The namespace itself is changed, because functions defined in
+    earlier cells find ``model`` and ``opt`` through it: **call this only
+    where changes cannot reach the user**, in a child of
+    :func:`oomnb.analysis.isolation.run_isolated`.
     """
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     heavy = _heavy_names(code, namespace)
     with simulated_device.untracked():
         fake = _fake_copy(mode, heavy)
-    scope = dict(namespace)
-    scope.update(fake)
-    scope.update(overrides or {})
+    namespace.update(fake)
+    namespace.update(overrides or {})
     roots = list(fake.values())
     tensors = [t for t in _walk(roots) if isinstance(t, torch.Tensor)]
 
     def run() -> None:
-        try:
-            exec(code, scope)  # noqa: S102 - the user's own cell, on fake copies
-        finally:
-            scope.clear()
+        exec(code, namespace)  # noqa: S102 - the user's own cell, on fake copies, isolated
 
     return _measure(mode, roots, tensors, run, autocast=autocast, no_grad=no_grad, checkpoint=checkpoint)
 
@@ -564,32 +564,37 @@ def probe_cell(
     peak: Callable[[], int],
     reset_peak: Callable[[], None],
 ) -> int:
-    """One real run of the cell on copies of what it uses: the bytes it grew by at its peak.
+    """One real run of the cell: the bytes it grew by at its peak.
 
-    For cells a dry run cannot take.  The copies are real (models, optimizers
-    and tensors are deep-copied on their device), so the user's objects are
-    not touched; they are dropped before returning.
+    For cells a dry run cannot take.  It runs for real with ``namespace`` as
+    its globals: **call this only in an isolated child** (it trains what the
+    cell trains, there), and never on CUDA (a forked child cannot use it).
     """
-    copies = copy.deepcopy(_heavy_names(code, namespace))
-    scope = dict(namespace)
-    scope.update(copies)
-    scope.update(overrides)
-    del copies
+    namespace.update(overrides)
     start = allocated()
     reset_peak()
-    try:
-        exec(code, scope)  # noqa: S102 - the user's own cell, on copies
-        return peak() - start
-    finally:
-        scope.clear()
+    exec(code, namespace)  # noqa: S102 - the user's own cell, isolated
+    return peak() - start
+
+
+# IPython's own names (the output cache, input history): never copied.
+_IPYTHON_NAMES = re.compile(r"^(_+|_i+|_i\d+|_\d+|_ih|_oh|_dh|In|Out|exit|quit|get_ipython)$")
 
 
 def _heavy_names(code: Any, namespace: dict[str, Any]) -> dict[str, Any]:
-    """The names a cell's code uses whose values hold tensors (what a dry run or probe copies)."""
+    """The names whose values hold tensors: what a dry run replaces by fake copies.
+
+    Every such name, not only those the cell's code names: a function defined
+    in an earlier cell reaches ``model`` and ``opt`` as globals.
+    """
     from .census import holds_tensors
 
-    names = set(code.co_names) | {n for const in code.co_consts if hasattr(const, "co_names") for n in const.co_names}
-    return {n: namespace[n] for n in names if n in namespace and holds_tensors(namespace[n])}
+    used = set(code.co_names)
+    return {
+        name: value
+        for name, value in namespace.items()
+        if (name in used or not _IPYTHON_NAMES.match(name)) and not name.startswith("__") and holds_tensors(value)
+    }
 
 
 def what_ifs(

@@ -122,6 +122,9 @@ class Report:
     suggestions: list[Suggestion] = field(default_factory=list)
     source: str = ""
     dry_run: bool = False
+    #: One line each: what a failed cell left changed in place, and any step
+    #: of oomnb's own handling that failed (the rest of the report stands).
+    notes: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -154,6 +157,7 @@ class Report:
             "released_names",
             "suggestions",
             "dry_run",
+            "notes",
         ]
         return {key: data[key] for key in order}
 
@@ -183,6 +187,7 @@ class Report:
             suggestions=[Suggestion(**s) for s in data.get("suggestions", [])],
             source=data.get("source", ""),
             dry_run=bool(data.get("dry_run", False)),
+            notes=[str(n) for n in data.get("notes", [])],
         )
 
     # -- renderings ---------------------------------------------------------
@@ -218,6 +223,7 @@ class Report:
             lines.append(f"  {self.batch_var['name']} = {self.batch_var['value']!r}")
         if self.oom is not None:
             lines.extend(self._oom_text())
+        lines.extend(f"  note: {note}" for note in self.notes)
         for number, suggestion in enumerate(self.suggestions, 1):
             saves = f"saves {format_bytes(suggestion.saves_bytes)}" if suggestion.saves_bytes else "saving unknown"
             lines.append(f"  {number}. {suggestion.title} [{suggestion.kind}; {saves}; {suggestion.source}]")
@@ -323,6 +329,12 @@ class Report:
                 f"{esc(oom.diagnosis)}<br><span style='color:#6b7280'>{recovered}; the kernel is fine.</span>"
                 f"<details><summary>message</summary><pre style='white-space:pre-wrap'>{esc(oom.message)}</pre>"
                 "</details></div>"
+            )
+        if self.notes:
+            parts.append(
+                "<ul style='margin:6px 0 0 0;padding-left:20px'>"
+                + "".join(f"<li>{esc(note)}</li>" for note in self.notes)
+                + "</ul>"
             )
         if self.suggestions:
             items = []

@@ -9,29 +9,32 @@ error is caught, its memory given back, and reported.
 from __future__ import annotations
 
 import ast
-import re
 import sys
-import time
 from typing import Any
 
 from IPython.core import magic_arguments
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.display import display
-from traitlets import Bool, TraitError, Unicode, observe, validate
+from traitlets import Bool, Float, TraitError, Unicode, observe, validate
 
-from ..allocator.oom import is_oom_error
-from ..analysis import rules
-from ..analysis.census import holds_tensors
-from ..backends import Backend, MemorySnapshot, get_backend, limited
-from ..model.report import DeviceInfo, OomInfo, Report
+from ..backends import Backend, get_backend, limited
+from ..model.report import Report
 from ..model.units import Card, format_bytes, parse_limit
-from . import history, recovery
+from . import history
+from .pipeline import (
+    CellRun,
+    Isolation,
+    advise_cell,
+    dry_run_report,
+    first_line,
+    guarded,
+    is_oom,
+    oom_info,
+    silence_kernel,
+)
 
 __all__ = ["GpuMem"]
-
-# Names IPython binds by itself: never rolled back.
-_IPYTHON_NAMES = re.compile(r"^(_+|_i+|_i\d+|_\d+|_ih|_oh|_dh|In|Out|exit|quit|get_ipython)$")
 
 
 def current_execution_count(shell: Any) -> int | None:
@@ -45,104 +48,19 @@ def current_execution_count(shell: Any) -> int | None:
     return int(count) if count is not None else shell.execution_count
 
 
-def _first_line(cell: str) -> str:
-    for line in cell.splitlines():
-        if line.strip():
-            return line.strip()[:120]
-    return ""
+def _stored(code: Any) -> set[str]:
+    """Names a compiled cell assigns in the notebook's namespace (``x = ...``, ``global x``)."""
+    import dis
 
-
-class CellMeasure:
-    """Figures taken around one cell: baseline and timer at the start."""
-
-    def __init__(self, backend: Backend) -> None:
-        self.backend = backend
-        backend.ensure_started()
-        self.before: MemorySnapshot = backend.snapshot()
-        backend.reset_peak()
-        self.started = time.perf_counter()
-        self.duration = 0.0
-
-    def stop(self) -> None:
-        self.duration = time.perf_counter() - self.started
-
-    def report(
-        self,
-        cell: int | None,
-        end: MemorySnapshot,
-        peak: int,
-        *,
-        source: str = "",
-        batch_var: dict[str, Any] | None = None,
-        oom: OomInfo | None = None,
-        recovered: int = 0,
-        released: list[str] | None = None,
-    ) -> Report:
-        backend = self.backend
-        card = backend.card
-        device = DeviceInfo(
-            kind=backend.kind,
-            name=backend.name,
-            index=backend.index,
-            capacity_bytes=end.capacity_bytes,
-            card=card.name if card else None,
+    names: set[str] = set()
+    stack = [code]
+    while stack:
+        current = stack.pop()
+        names.update(
+            str(ins.argval) for ins in dis.get_instructions(current) if ins.opname in ("STORE_NAME", "STORE_GLOBAL")
         )
-        return Report(
-            cell=cell,
-            device=device,
-            baseline_bytes=self.before.allocated_bytes,
-            end_bytes=end.allocated_bytes,
-            peak_bytes=max(peak, self.before.allocated_bytes, end.allocated_bytes),
-            reserved_bytes=end.reserved_bytes,
-            free_bytes=end.free_bytes,
-            duration_s=round(self.duration, 6),
-            batch_var=batch_var,
-            oom=oom,
-            recovered_bytes=max(0, recovered),
-            released_names=released or [],
-            source=source,
-        )
-
-
-def oom_report(
-    measure: CellMeasure,
-    exc: BaseException,
-    at_failure: MemorySnapshot,
-    cell: int | None,
-    *,
-    source: str,
-    batch_var: dict[str, Any] | None,
-) -> tuple[Report, OomInfo]:
-    """The report for a cell that ran out of memory, before recovery."""
-    backend = measure.backend
-    facts = backend.describe_oom(exc)
-    capacity = at_failure.capacity_bytes or facts.capacity_bytes
-    free = facts.free_bytes if facts.free_bytes is not None else at_failure.free_bytes
-    oom = OomInfo(
-        requested_bytes=facts.requested_bytes,
-        free_bytes=free,
-        capacity_bytes=capacity,
-        message=str(exc),
-        over_bytes=(facts.requested_bytes - free) if facts.requested_bytes is not None and free is not None else None,
-        allocated_bytes=facts.allocated_bytes,
-        reserved_unallocated_bytes=facts.reserved_unallocated_bytes,
-        exception_type=type(exc).__name__,
-    )
-    if facts.kind in ("cuda", "hip") and capacity and facts.free_bytes is not None and facts.process_bytes:
-        # What the card has in use that this process does not account for.
-        oom.other_processes_bytes = max(0, capacity - facts.free_bytes - facts.process_bytes)
-    if oom.over_bytes is not None:
-        oom.over_bytes = max(0, oom.over_bytes)
-    report = measure.report(cell, at_failure, at_failure.peak_bytes, source=source, batch_var=batch_var, oom=oom)
-    oom.diagnosis, report.suggestions = rules.diagnose(
-        oom,
-        baseline_bytes=measure.before.allocated_bytes,
-        allocated_at_failure=at_failure.allocated_bytes,
-        capacity_bytes=capacity,
-        simulated=backend.kind == "simulated",
-        batch_var=batch_var,
-    )
-    return report, oom
+        stack.extend(c for c in current.co_consts if hasattr(c, "co_code"))
+    return names
 
 
 @magics_class
@@ -166,6 +84,9 @@ class GpuMem(Magics):
     rollback = Bool(
         True, help="After an OOM, remove the variables the failed cell created, so memory returns to baseline."
     ).tag(config=True)
+    advice_budget = Float(
+        10.0, help="Seconds advice may spend running the cell on fake tensors (in a forked child) after an OOM."
+    ).tag(config=True)
     auto = Bool(False, help="Log every cell's delta and peak in one line (like %gpumem auto on).").tag(config=True)
     auto_output = Unicode(
         "line", help="What auto mode shows under each cell: 'line' (one line) or 'report' (the full report)."
@@ -174,7 +95,7 @@ class GpuMem(Magics):
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)  # sets self.shell
         self._backends: dict[str, Backend] = {}
-        self._auto_measure: CellMeasure | None = None
+        self._auto_run: CellRun | None = None
         self._last_cell: tuple[Any, Any, Backend] | None = None
         self._hooks_on = False
         self._apply_limit()
@@ -423,6 +344,10 @@ class GpuMem(Magics):
                 exc.lineno += 1
             shell.showsyntaxerror()
             return None
+        if args.batch_var is not None and args.batch_var not in shell.user_ns and args.batch_var not in _stored(whole):
+            raise UsageError(
+                f"--batch-var: there is no variable {args.batch_var!r} in the notebook, and the cell does not set it"
+            )
         snapshot_path = args.snapshot
         if snapshot_path is not None and backend.kind != "cuda":
             print(
@@ -438,146 +363,94 @@ class GpuMem(Magics):
         number = current_execution_count(shell)
         user_ns = shell.user_ns
         self._last_cell = (whole, args, backend)
+        run = CellRun(
+            backend,
+            user_ns,
+            number=number,
+            source=first_line(cell),
+            batch_var=args.batch_var,
+            rollback=self.rollback and not args.no_rollback and not args.dry_run,
+        )
         if args.dry_run:
-            return self._dry_run(whole, cell, number, backend, args)
-        # ids only: holding the values would keep rebound tensors alive.
-        ids_before = {name: id(value) for name, value in user_ns.items()}
+            return self._dry_run(run, whole, args)
         catch = self.catch and not args.no_catch
-        measure = CellMeasure(backend)
-        failure: BaseException | None = None
-        in_backward = False
         value: Any = None
-        report: Report | None = None
         try:
             exec(body, shell.user_global_ns, user_ns)
             if last is not None:
                 value = eval(last, shell.user_global_ns, user_ns)
         except BaseException as exc:
-            measure.stop()
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)) or not is_oom_error(exc):
+            if not is_oom(exc):
                 self._stop_snapshot(snapshot_path)
                 if isinstance(exc, Exception):
                     show_from_cell_once(shell, filename)
                 raise
-            at_failure = backend.snapshot()
-            report, _ = oom_report(
-                measure,
-                exc,
-                at_failure,
-                number,
-                source=_first_line(cell),
-                batch_var=self._batch_var(args.batch_var),
-            )
             if not catch:
+                # The user asked for the error: show the figures, touch nothing.
+                run.ledger = None
                 self._stop_snapshot(snapshot_path)
+                report = run.measure.report(
+                    number, backend.snapshot(), backend.snapshot().peak_bytes, source=run.source
+                )
+                with guarded(report.notes, "read the error's figures"):
+                    report.oom = oom_info(backend, exc, backend.snapshot())
                 self._publish(report, args.quiet)
                 raise
-            in_backward = recovery.raised_in_backward(exc)
-            recovery.release_exception(exc)
-            failure = exc
-        finally:
-            measure.stop()
-        if failure is not None and report is not None:
-            del failure
-            if self.rollback and not args.no_rollback:
-                report.released_names = roll_back(user_ns, ids_before)
-                if in_backward:
-                    report.released_names += drop_partial_gradients(user_ns, whole.co_names)
-            finish_recovery(report, backend)
+            report = run.failed(exc, extra_roots=self._output_roots())
+            del exc
+        else:
             self._stop_snapshot(snapshot_path)
-            self._add_advice(report, whole, backend)
-            self._publish(report, args.quiet)
-            return None
+            self._publish(run.succeeded(), args.quiet)
+            return value
         self._stop_snapshot(snapshot_path)
-        end = backend.snapshot()
-        report = measure.report(
-            number,
-            end,
-            end.peak_bytes,
-            source=_first_line(cell),
-            batch_var=self._batch_var(args.batch_var),
-        )
+        self._advise(report, whole, backend)
         self._publish(report, args.quiet)
-        return value
+        return None
 
-    def _cell_runner(self, body: Any) -> Any:
-        from ..analysis.estimator import dry_run_cell
+    def _output_roots(self) -> list[Any]:
+        """What IPython keeps that rollback must count as still holding the user's data."""
+        shell = self._ip
+        roots: list[Any] = [shell.user_ns.get("Out", {})]
+        hidden = getattr(shell, "user_ns_hidden", {})
+        roots.extend(hidden.get(name) for name in ("_", "__", "___"))
+        return roots
 
-        user_ns = self._ip.user_ns
+    def _isolation(self, body: Any, backend: Backend) -> Isolation:
+        return Isolation(
+            user_ns=self._ip.user_ns,
+            code=body,
+            backend=backend,
+            budget_s=float(self.advice_budget),
+            prepare=silence_kernel(self._ip),
+        )
 
-        def run(overrides: dict[str, Any], **options: Any) -> Any:
-            return dry_run_cell(body, user_ns, overrides=overrides, **options)
-
-        return run
-
-    def _cell_probe(self, body: Any, backend: Backend) -> Any:
-        from ..analysis.estimator import probe_cell
-
-        user_ns = self._ip.user_ns
-
-        def probe(overrides: dict[str, Any]) -> int:
-            try:
-                return probe_cell(
-                    body,
-                    user_ns,
-                    overrides,
-                    allocated=lambda: backend.snapshot().allocated_bytes,
-                    peak=lambda: backend.snapshot().peak_bytes,
-                    reset_peak=backend.reset_peak,
-                )
-            finally:
-                recovery.collect()
-                backend.empty_cache()
-
-        return probe
-
-    def _add_advice(self, report: Report, body: Any, backend: Backend) -> None:
-        """Replace the first-reading suggestions with the advisor's ranked, measured ones."""
-        from ..analysis.advisor import advise, describe
+    def _advise(self, report: Report, body: Any, backend: Backend) -> None:
+        """Add the advisor's suggestions; any failure becomes one line of the report."""
         from .cleanup import shell_census
 
-        advice = advise(
-            report,
-            census=shell_census(self._ip, backend),
-            run_cell=self._cell_runner(body),
-            cell_names=set(body.co_names),
-            bf16=backend.supports_bf16(),
-            probe=self._cell_probe(body, backend),
-            split_models={
-                name: value
-                for name in body.co_names
-                if isinstance(getattr(value := self._ip.user_ns.get(name), "hf_device_map", None), dict)
-            },
-        )
-        measured_kinds = {s.kind for s in advice.suggestions}
-        rules_left = [s for s in report.suggestions if s.kind not in measured_kinds]
-        report.suggestions = advice.suggestions + rules_left
-        if report.oom is not None:
-            extra = "; ".join(describe(advice))
-            if extra:
-                report.oom.diagnosis = (report.oom.diagnosis + " Advisor: " + extra + ".").strip()
+        user_ns = self._ip.user_ns
+        with guarded(report.notes, "advise"):
+            advise_cell(
+                report,
+                isolation=self._isolation(body, backend),
+                census=shell_census(self._ip, backend),
+                cell_names=set(body.co_names),
+                split_models={
+                    name: value
+                    for name in body.co_names
+                    if isinstance(getattr(value := user_ns.get(name), "hf_device_map", None), dict)
+                },
+            )
 
-    def _dry_run(self, body: Any, cell: str, number: int | None, backend: Backend, args: Any) -> None:
+    def _dry_run(self, run: CellRun, body: Any, args: Any) -> None:
         from ..analysis.estimator import DryRunError
 
-        measure = CellMeasure(backend)
+        isolation = self._isolation(body, run.backend)
         try:
-            run = self._cell_runner(body)({})
+            report = dry_run_report(run, isolation)
         except DryRunError as exc:
             raise UsageError(f"--dry-run: {exc}") from None
-        measure.stop()
-        now = backend.snapshot()
-        growth = max(0, run.peak_bytes - run.start_bytes)
-        report = measure.report(
-            number,
-            now,
-            now.allocated_bytes + growth,
-            source=_first_line(cell),
-            batch_var=self._batch_var(args.batch_var),
-        )
-        report.end_bytes = now.allocated_bytes + max(0, run.end_bytes - run.start_bytes)
-        report.dry_run = True
-        self._add_advice(report, body, backend)
+        self._advise(report, body, run.backend)
         self._publish(report, args.quiet)
 
     def _advise_last(self, args: Any) -> None:
@@ -588,7 +461,7 @@ class GpuMem(Magics):
         body, _, backend = last
         advised = Report.from_dict(report.to_dict())
         advised.suggestions = []
-        self._add_advice(advised, body, backend)
+        self._advise(advised, body, backend)
         display(advised.mime_bundle(), raw=True)
 
     def _stop_snapshot(self, path: str | None) -> None:
@@ -599,14 +472,6 @@ class GpuMem(Magics):
         written = write_snapshot(path)
         record_history(False)
         print(f"oomnb: allocator snapshot written to {written} (open it at https://pytorch.org/memory_viz)")
-
-    def _batch_var(self, name: str | None) -> dict[str, Any] | None:
-        if name is None:
-            return None
-        value = self._ip.user_ns.get(name)
-        if not isinstance(value, (int, float, str, bool)) and value is not None:
-            value = repr(value)
-        return {"name": name, "value": value}
 
     def _publish(self, report: Report, quiet: bool) -> None:
         history.record(report)
@@ -631,31 +496,36 @@ class GpuMem(Magics):
         return raw.lstrip().startswith("%%gpumem")
 
     def _pre_run_cell(self, info: Any) -> None:
-        if self._is_gpumem_cell(getattr(info, "raw_cell", "") or ""):
-            self._auto_measure = None
+        raw = getattr(info, "raw_cell", "") or ""
+        self._auto_run = None
+        if self._is_gpumem_cell(raw):
             return
-        self._auto_measure = CellMeasure(self.backend())
+        self._auto_run = CellRun(
+            self.backend(),
+            self._ip.user_ns,
+            number=None,
+            source=first_line(raw),
+            rollback=self.rollback,
+        )
 
     def _post_run_cell(self, result: Any) -> None:
-        measure, self._auto_measure = self._auto_measure, None
-        if measure is None:
+        run, self._auto_run = self._auto_run, None
+        if run is None:
             return
-        measure.stop()
-        backend = measure.backend
-        raw = getattr(result.info, "raw_cell", "") or ""
-        number = result.execution_count
+        run.number = result.execution_count
         error = result.error_in_exec
-        if error is not None and is_oom_error(error):
-            at_failure = backend.snapshot()
-            report, _ = oom_report(measure, error, at_failure, number, source=_first_line(raw), batch_var=None)
-            recovery.release_exception(error)
+        if error is not None and is_oom(error):
+            report = run.failed(error, extra_roots=self._output_roots())
             del error
-            finish_recovery(report, backend)
+            raw = getattr(result.info, "raw_cell", "") or ""
+            code = None
+            with guarded(report.notes, "compile the cell for advice"):
+                code = self._ip.compile(self._ip.transform_cell(raw), "<oomnb auto>", "exec")
+            if code is not None:
+                self._advise(report, code, run.backend)
             self._auto_publish(report)
             return
-        end = backend.snapshot()
-        report = measure.report(number, end, end.peak_bytes, source=_first_line(raw))
-        self._auto_publish(report)
+        self._auto_publish(run.succeeded())
 
     def _auto_publish(self, report: Report) -> None:
         if self.auto_output == "report":
@@ -665,48 +535,6 @@ class GpuMem(Magics):
         print(report.headline())
         if report.oom is not None:
             print("  " + report.oom.diagnosis)
-
-
-def roll_back(user_ns: dict[str, Any], ids_before: dict[str, int]) -> list[str]:
-    """Remove the names a failed cell bound (new or rebound) to tensor-holding values.
-
-    Their earlier values are gone already (the cell replaced them), so what
-    they hold now is the failed cell's partial work: a ``loss`` with its whole
-    autograd graph, a batch, a half-built output.  Plain values (a ``step``
-    counter) are left as the cell left them.
-    """
-    released = []
-    for name, value in list(user_ns.items()):
-        if _IPYTHON_NAMES.match(name) or ids_before.get(name) == id(value):
-            continue
-        if holds_tensors(value):
-            del user_ns[name]
-            released.append(name)
-    return sorted(released)
-
-
-def drop_partial_gradients(user_ns: dict[str, Any], names: Any) -> list[str]:
-    """After an OOM inside ``backward()``: drop the gradients it half wrote.
-
-    Backward had already accumulated into the layers it finished; those
-    gradients belong to no complete step.  The modules and optimizers the cell
-    names get ``zero_grad(set_to_none=True)``.
-    """
-    import torch
-
-    dropped = []
-    for name in dict.fromkeys(names):
-        value = user_ns.get(name)
-        if isinstance(value, (torch.nn.Module, torch.optim.Optimizer)):
-            params = (
-                value.parameters()
-                if isinstance(value, torch.nn.Module)
-                else (p for group in value.param_groups for p in group["params"])
-            )
-            if any(p.grad is not None for p in params):
-                value.zero_grad(set_to_none=True)
-                dropped.append(f"{name} (gradients)")
-    return dropped
 
 
 def show_from_cell_once(shell: Any, filename: str) -> None:
@@ -734,23 +562,6 @@ def show_from_cell_once(shell: Any, filename: str) -> None:
         sh._showtraceback(etype, value, stb)
 
     shell.set_custom_exc((Exception,), handler)
-
-
-def finish_recovery(report: Report, backend: Backend) -> None:
-    """Free what a failed cell held and put the figures after it in ``report``.
-
-    ``report`` was built at the moment of failure, so its ``end_bytes`` is what
-    was allocated then; the exception's frames must already be released.
-    """
-    at_failure = report.end_bytes
-    recovery.clear_last_traceback()
-    recovery.collect(done=lambda: backend.snapshot().allocated_bytes <= report.baseline_bytes)
-    backend.empty_cache()
-    after = backend.snapshot()
-    report.end_bytes = after.allocated_bytes
-    report.reserved_bytes = after.reserved_bytes
-    report.free_bytes = after.free_bytes
-    report.recovered_bytes = max(0, at_failure - after.allocated_bytes)
 
 
 def census_text(census: Any, top: int = 20) -> str:
