@@ -91,3 +91,27 @@ def test_dry_run_within_10_percent_of_cuda_peak() -> None:
         assert abs(dry - real) <= 0.10 * real, (name, dry, real)
         del real_model, opt, real_inputs
         torch.cuda.empty_cache()
+
+
+def test_advice_after_a_cuda_oom_runs_isolated_and_leaves_cuda_usable(shell: Any) -> None:
+    """The advice child is forked from a process with a CUDA context: it must use fake tensors only,
+    never the context, and the kernel's CUDA must work afterwards."""
+    shell.run(
+        "import torch\nfrom torch import nn\n"
+        "model = nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 1024)).cuda()\n"
+        "opt = torch.optim.AdamW(model.parameters())\nbatch_size = 65536"
+    )
+    weights = [p.detach().clone() for p in shell.ns["model"].parameters()]
+    baseline = torch.cuda.memory_allocated()
+    result = shell.run(
+        f"%%gpumem --device cuda --limit {baseline + 512 * MiB} --batch-var batch_size\n"
+        "loss = model(torch.randn(batch_size, 1024, device='cuda')).pow(2).mean()\n"
+        "loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)"
+    )
+    assert result.success
+    report = oomnb.last_report()
+    assert report is not None and report.oom is not None
+    assert any(s.source == "dry-run" for s in report.suggestions), report.notes
+    assert torch.cuda.memory_allocated() <= baseline
+    assert all(torch.equal(a, b) for a, b in zip(weights, shell.ns["model"].parameters(), strict=True))
+    assert (torch.ones(4, device="cuda") * 2).sum().item() == 8  # the parent's context still works
