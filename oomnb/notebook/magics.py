@@ -9,6 +9,7 @@ error is caught, its memory given back, and reported.
 from __future__ import annotations
 
 import ast
+import contextlib
 import sys
 from typing import Any
 
@@ -96,6 +97,7 @@ class GpuMem(Magics):
         super().__init__(shell=shell, **kwargs)  # sets self.shell
         self._backends: dict[str, Backend] = {}
         self._auto_run: CellRun | None = None
+        self._auto_code: Any = None
         self._last_cell: tuple[Any, Any, Backend] | None = None
         self._hooks_on = False
         self._apply_limit()
@@ -370,6 +372,7 @@ class GpuMem(Magics):
             source=first_line(cell),
             batch_var=args.batch_var,
             rollback=self.rollback and not args.no_rollback and not args.dry_run,
+            code=whole,
         )
         if args.dry_run:
             return self._dry_run(run, whole, args)
@@ -500,13 +503,18 @@ class GpuMem(Magics):
         self._auto_run = None
         if self._is_gpumem_cell(raw):
             return
+        code = None
+        with contextlib.suppress(Exception):  # a cell that does not compile fails on its own
+            code = self._ip.compile(self._ip.transform_cell(raw), "<oomnb auto>", "exec")
         self._auto_run = CellRun(
             self.backend(),
             self._ip.user_ns,
             number=None,
             source=first_line(raw),
             rollback=self.rollback,
+            code=code,
         )
+        self._auto_code = code
 
     def _post_run_cell(self, result: Any) -> None:
         run, self._auto_run = self._auto_run, None
@@ -517,10 +525,7 @@ class GpuMem(Magics):
         if error is not None and is_oom(error):
             report = run.failed(error, extra_roots=self._output_roots())
             del error
-            raw = getattr(result.info, "raw_cell", "") or ""
-            code = None
-            with guarded(report.notes, "compile the cell for advice"):
-                code = self._ip.compile(self._ip.transform_cell(raw), "<oomnb auto>", "exec")
+            code, self._auto_code = self._auto_code, None
             if code is not None:
                 self._advise(report, code, run.backend)
             self._auto_publish(report)

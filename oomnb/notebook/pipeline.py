@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -72,6 +73,43 @@ def batch_var_of(user_ns: dict[str, Any], name: str | None) -> dict[str, Any] | 
     if name not in user_ns:
         return {"name": name, "value": None}
     return {"name": name, "value": safe_value(user_ns[name])}
+
+
+def reachable_names(code: Any, user_ns: dict[str, Any], depth: int = 4) -> set[str]:
+    """The names a cell can rebind or reach: those its code names, and those named by the
+    functions, classes and methods of the notebook it calls (``train_step`` uses ``model``)."""
+    names: set[str] = set()
+    seen: set[int] = set()
+    stack: list[tuple[Any, int]] = [(code, 0)]
+    while stack:
+        current, level = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        names.update(current.co_names)
+        stack.extend((const, level) for const in current.co_consts if isinstance(const, types.CodeType))
+        if level >= depth:
+            continue
+        for name in current.co_names:
+            value = user_ns.get(name)
+            if value is None:
+                continue
+            for function in _functions_of(value):
+                stack.append((function.__code__, level + 1))
+                names.update(function.__code__.co_freevars)
+    return names
+
+
+def _functions_of(value: Any) -> list[types.FunctionType]:
+    """The notebook-defined code behind ``value``: a function, a method, or a class's methods."""
+    if isinstance(value, types.FunctionType):
+        return [value]
+    if isinstance(value, types.MethodType) and isinstance(value.__func__, types.FunctionType):
+        return [value.__func__]
+    cls = value if isinstance(value, type) else type(value)
+    if getattr(cls, "__module__", None) != "__main__":
+        return []  # a library's classes do not reach the notebook's globals
+    return [f for f in vars(cls).values() if isinstance(f, types.FunctionType)]
 
 
 class CellMeasure:
@@ -159,8 +197,11 @@ class CellRun:
     batch_var
         A variable to record in the report (and to size batch advice by).
     rollback
-        After an OOM, undo what the cell created (the ledger is taken only
-        then).
+        After an OOM, undo what the cell created (a ledger is taken before
+        the cell for that).
+    code
+        The cell's compiled code: the ledger then records in full only the
+        names the cell can reach (see :func:`reachable_names`).
     """
 
     def __init__(
@@ -172,13 +213,17 @@ class CellRun:
         source: str,
         batch_var: str | None = None,
         rollback: bool = True,
+        code: Any = None,
     ) -> None:
         self.backend = backend
         self.user_ns = user_ns
         self.number = number
         self.source = source
         self.batch_var_name = batch_var
-        self.ledger = Ledger(user_ns) if rollback else None
+        self.ledger: Ledger | None = None
+        if rollback:
+            scope = reachable_names(code, user_ns) if code is not None else None
+            self.ledger = Ledger(user_ns, scope)
         self.measure = CellMeasure(backend)
 
     def succeeded(self) -> Report:

@@ -127,6 +127,20 @@ class _Old:
         self.objects: dict[int, weakref.ref[Any]] = {}
         self.storages: dict[int, weakref.ref[Any]] = {}
         self.arrays: list[tuple[weakref.ref[Any], int, int]] = []
+        #: Tensors a module or optimizer keeps alive across the cell: their
+        #: storages are looked up only if a rollback needs them.
+        self.lazy: list[weakref.ref[Any]] = []
+
+    def add_lazy(self, tensor: torch.Tensor) -> None:
+        self.lazy.append(weakref.ref(tensor))
+
+    def resolve(self) -> None:
+        """Record the storages of the lazily kept tensors that are still alive."""
+        for ref in self.lazy:
+            tensor = ref()
+            if tensor is not None:
+                self.add_storage(tensor)
+        self.lazy.clear()
 
     def add(self, value: Any) -> None:
         ref = _weak(value)
@@ -169,10 +183,25 @@ class _Old:
 
 
 class Ledger:
-    """What the user had before a cell (see the module's docstring)."""
+    """What the user had before a cell (see the module's docstring).
 
-    def __init__(self, user_ns: dict[str, Any]) -> None:
+    Parameters
+    ----------
+    user_ns
+        The namespace the cell runs in.
+    scope
+        The names the cell can reach (what it names, and what the functions it
+        calls name): only they can be rebound or have their gradients and
+        optimizer state changed by the cell, so only they are recorded in
+        full.  Every other name is recorded by id only, and a change to one
+        of them (through ``globals()``, say) is never rolled back.  ``None``:
+        every name in full.
+    """
+
+    def __init__(self, user_ns: dict[str, Any], scope: set[str] | None = None) -> None:
         self.bindings: dict[str, _Binding] = {}
+        #: id of every other name's value: enough to tell that it changed.
+        self.others: dict[str, int] = {}
         self.old = _Old()
         self.params: dict[int, _Param] = {}
         self.optimizers: list[_Optimizer] = []
@@ -180,6 +209,9 @@ class Ledger:
         optimizers: list[torch.optim.Optimizer] = []
         for name, value in list(user_ns.items()):
             if IPYTHON_NAMES.match(name) or name.startswith("__"):
+                continue
+            if scope is not None and name not in scope:
+                self.others[name] = id(value)
                 continue
             length = None
             if isinstance(value, (list, dict, set, tuple)):
@@ -196,12 +228,10 @@ class Ledger:
             if id(module) in seen:
                 continue
             seen.add(id(module))
-            for sub in module.modules():
-                self.old.add(sub)
             for param in module.parameters():
                 self._record_param(param)
             for buffer in module.buffers():
-                self.old.add_storage(buffer)
+                self.old.add_lazy(buffer)
         for opt in optimizers:
             if id(opt) in seen:
                 continue
@@ -248,9 +278,10 @@ class Ledger:
             weakref.ref(grad) if grad is not None else None,
             grad._version if grad is not None else 0,
         )
-        self.old.add(param)
+        self.old.objects[id(param)] = self.params[id(param)].ref
+        self.old.add_lazy(param)
         if grad is not None:
-            self.old.add_storage(grad)
+            self.old.add_lazy(grad)
 
     def _record_optimizer(self, opt: torch.optim.Optimizer) -> None:
         entries: dict[int, dict[Any, Any]] = {}
@@ -263,8 +294,9 @@ class Ledger:
             if isinstance(state, dict):
                 for key, value in state.items():
                     if isinstance(value, torch.Tensor):
-                        recorded[key] = (weakref.ref(value), value._version)
-                        self.old.add_storage(value)
+                        ref = weakref.ref(value)
+                        recorded[key] = (ref, value._version)
+                        self.old.lazy.append(ref)
                     else:
                         recorded[key] = repr(value)[:200]
             entries[id(param)] = recorded
@@ -274,6 +306,7 @@ class Ledger:
     def roll_back(self, user_ns: dict[str, Any], *, extra_roots: Iterable[Any] = ()) -> Rollback:
         """Undo what a failed cell created; keep and report what it changed in place."""
         outcome = Rollback()
+        self.old.resolve()
         self._undo_gradients(outcome)
         self._undo_optimizer_state(outcome)
         self._undo_names(user_ns, list(extra_roots), outcome)
@@ -285,6 +318,8 @@ class Ledger:
         for name, value in list(user_ns.items()):
             if IPYTHON_NAMES.match(name) or name.startswith("__"):
                 continue
+            if name in self.others:
+                continue  # outside what the cell can reach: never rolled back
             binding = self.bindings.get(name)
             if binding is not None and binding.holds(value):
                 continue
