@@ -95,12 +95,30 @@ def bench_tracking(rounds: int, steps: int) -> list[tuple[str, float, float, flo
     return rows
 
 
-def bench_magic(cells: int, device: str) -> tuple[float, float, float]:
+# A namespace like a training notebook's: what the ledger taken before each
+# measured cell (weak references, gradients, optimizer state) has to record.
+NOTEBOOK = """
+import torch
+from torch import nn
+model = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), num_layers=12)
+opt = torch.optim.AdamW(model.parameters())
+model(torch.randn(2, 8, 64)).sum().backward()
+opt.step()
+losses = [torch.randn(()) for _ in range(1000)]
+history = {f"epoch{i}": {"loss": float(i), "acc": 0.5} for i in range(200)}
+batch = {"x": torch.randn(8, 64), "y": torch.randint(0, 10, (8,))}
+"""
+
+
+def bench_magic(cells: int, device: str, setup: str = "") -> tuple[float, float, float]:
     """Median ms per empty cell: plain, with %%gpumem --quiet, and with the report displayed."""
     from IPython.core.interactiveshell import InteractiveShell
 
     ip = InteractiveShell.instance()
+    ip.reset(new_session=False)
     ip.run_line_magic("load_ext", "oomnb")
+    if setup:
+        ip.run_cell(setup)
     sink = io.StringIO()
 
     def per_cell(code: str) -> float:
@@ -143,13 +161,17 @@ def main() -> None:
     print(f"\n2. %%gpumem around an empty cell ({args.cells} cells a round)")
     devices = ["simulated"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
-        plain, quiet, shown = bench_magic(args.cells, device)
-        target = 2.0 if device == "simulated" else 0.5
-        print(
-            f"   {device:10} plain cell {plain:.3f} ms · with %%gpumem --quiet {quiet:.3f} ms "
-            f"(+{quiet - plain:.3f} ms) · with the report displayed {shown:.3f} ms (+{shown - plain:.3f} ms)"
-            f" · target <= {target} ms added"
-        )
+        for label, setup in (("empty notebook", ""), ("training notebook", NOTEBOOK)):
+            plain, quiet, shown = bench_magic(args.cells, device, setup)
+            print(
+                f"   {device:10} {label:18} plain cell {plain:.3f} ms · with %%gpumem --quiet {quiet:.3f} ms "
+                f"(+{quiet - plain:.3f} ms) · with the report displayed {shown:.3f} ms (+{shown - plain:.3f} ms)"
+                " · target <= 1 ms added"
+            )
+    print(
+        "   (training notebook: a 12-layer encoder with AdamW state, 1000 loss tensors, nested dicts; the"
+        " ledger taken before each cell records them)"
+    )
     if not torch.cuda.is_available():
         print("   cuda       no CUDA device here: not measured")
 
