@@ -24,8 +24,8 @@ loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
 """
 
 
-def oom_report(shell: Any, cell: str, limit: int) -> Any:
-    result = shell.run(f"%%gpumem --limit {limit} --batch-var batch_size\n{cell}")
+def oom_report(shell: Any, cell: str, limit: int, batch_var: str = "batch_size") -> Any:
+    result = shell.run(f"%%gpumem --limit {limit} --batch-var {batch_var}\n{cell}")
     assert result.success
     report = oomnb.last_report()
     assert report is not None
@@ -184,3 +184,26 @@ def test_sequence_length_is_an_input_size(shell: Any) -> None:
     assert all(s.kind != "gradient_accumulation" for s in report.suggestions)
     shell.run(f"seq_len = {top.params['value']}")
     assert fits(shell, cell, limit)
+
+
+def test_batch_size_set_in_the_cell_is_searched_and_the_edited_cell_fits(shell: Any) -> None:
+    """The most common notebook pattern: `bs = 8192` on the cell's first line."""
+    shell.run(
+        "from torch import nn\nmodel = nn.Sequential(nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 256))\n"
+        "opt = torch.optim.SGD(model.parameters(), lr=0.1)"
+    )
+    cell = (
+        "bs = 8192\nx = torch.randn(bs, 256)\nloss = model(x).pow(2).mean()\nloss.backward()\n"
+        "opt.step(); opt.zero_grad(set_to_none=True)"
+    )
+    limit = shell.allocated() + 32 * MiB
+    report = oom_report(shell, cell, limit, batch_var="bs")
+    top = report.suggestions[0]
+    assert top.kind == "batch_size" and top.source == "dry-run"
+    assert top.params["cell_line"] == 1
+    value = top.params["value"]
+    assert 1024 < value < 8192
+    # the snippet is the cell itself with its first line edited: pasted as is, it fits
+    assert top.code.splitlines()[0] == f"bs = {value}"
+    assert top.code.splitlines()[1:] == cell.splitlines()[1:]
+    assert fits(shell, top.code, limit)

@@ -98,6 +98,9 @@ class GpuMem(Magics):
         self._backends: dict[str, Backend] = {}
         self._auto_run: CellRun | None = None
         self._auto_code: Any = None
+        self._auto_source: str | None = None
+        self._last_source: str | None = None
+        self._last_raw: str | None = None
         self._last_cell: tuple[Any, Any, Backend] | None = None
         self._hooks_on = False
         self._apply_limit()
@@ -314,6 +317,10 @@ class GpuMem(Magics):
             raise UsageError(str(exc)) from None
 
     def _compile(self, cell: str, line: str) -> tuple[Any, Any, str, Any]:
+        body, last, filename, whole, _ = self._compile_with_source(cell, line)
+        return body, last, filename, whole
+
+    def _compile_with_source(self, cell: str, line: str) -> tuple[Any, Any, str, Any, str]:
         """Compile the cell so tracebacks name the notebook's own lines.
 
         Returns the body without its last expression, that expression (its
@@ -334,13 +341,13 @@ class GpuMem(Magics):
         if tree.body and isinstance(tree.body[-1], ast.Expr):
             last = shell.compile(ast.Expression(tree.body.pop().value), filename, "eval")
         body = shell.compile(tree, filename, "exec")
-        return body, last, filename, whole
+        return body, last, filename, whole, transformed
 
     def _run(self, cell: str, line: str, backend: Backend, args: Any) -> Any:
         __tracebackhide__ = True
         shell = self._ip
         try:
-            body, last, filename, whole = self._compile(cell, line)
+            body, last, filename, whole, transformed = self._compile_with_source(cell, line)
         except SyntaxError as exc:
             if exc.lineno is not None:
                 exc.lineno += 1
@@ -365,6 +372,8 @@ class GpuMem(Magics):
         number = current_execution_count(shell)
         user_ns = shell.user_ns
         self._last_cell = (whole, args, backend)
+        self._last_source = transformed
+        self._last_raw = cell
         run = CellRun(
             backend,
             user_ns,
@@ -406,7 +415,7 @@ class GpuMem(Magics):
             self._publish(run.succeeded(), args.quiet)
             return value
         self._stop_snapshot(snapshot_path)
-        self._advise(report, whole, backend)
+        self._advise(report, whole, backend, transformed, cell)
         self._publish(report, args.quiet)
         return None
 
@@ -418,16 +427,19 @@ class GpuMem(Magics):
         roots.extend(hidden.get(name) for name in ("_", "__", "___"))
         return roots
 
-    def _isolation(self, body: Any, backend: Backend) -> Isolation:
+    def _isolation(self, body: Any, backend: Backend, source: str | None = None) -> Isolation:
         return Isolation(
             user_ns=self._ip.user_ns,
             code=body,
             backend=backend,
             budget_s=float(self.advice_budget),
             prepare=silence_kernel(self._ip),
+            source=source,
         )
 
-    def _advise(self, report: Report, body: Any, backend: Backend) -> None:
+    def _advise(
+        self, report: Report, body: Any, backend: Backend, source: str | None = None, raw: str | None = None
+    ) -> None:
         """Add the advisor's suggestions; any failure becomes one line of the report."""
         from .cleanup import shell_census
 
@@ -435,7 +447,8 @@ class GpuMem(Magics):
         with guarded(report.notes, "advise"):
             advise_cell(
                 report,
-                isolation=self._isolation(body, backend),
+                isolation=self._isolation(body, backend, source),
+                raw_cell=raw,
                 census=shell_census(self._ip, backend),
                 cell_names=set(body.co_names),
                 split_models={
@@ -448,12 +461,12 @@ class GpuMem(Magics):
     def _dry_run(self, run: CellRun, body: Any, args: Any) -> None:
         from ..analysis.estimator import DryRunError
 
-        isolation = self._isolation(body, run.backend)
+        isolation = self._isolation(body, run.backend, self._last_source)
         try:
             report = dry_run_report(run, isolation)
         except DryRunError as exc:
             raise UsageError(f"--dry-run: {exc}") from None
-        self._advise(report, body, run.backend)
+        self._advise(report, body, run.backend, self._last_source, self._last_raw)
         self._publish(report, args.quiet)
 
     def _advise_last(self, args: Any) -> None:
@@ -464,7 +477,7 @@ class GpuMem(Magics):
         body, _, backend = last
         advised = Report.from_dict(report.to_dict())
         advised.suggestions = []
-        self._advise(advised, body, backend)
+        self._advise(advised, body, backend, self._last_source, self._last_raw)
         display(advised.mime_bundle(), raw=True)
 
     def _stop_snapshot(self, path: str | None) -> None:
@@ -504,8 +517,10 @@ class GpuMem(Magics):
         if self._is_gpumem_cell(raw):
             return
         code = None
+        self._auto_source = None
         with contextlib.suppress(Exception):  # a cell that does not compile fails on its own
-            code = self._ip.compile(self._ip.transform_cell(raw), "<oomnb auto>", "exec")
+            self._auto_source = self._ip.transform_cell(raw)
+            code = self._ip.compile(self._auto_source, "<oomnb auto>", "exec")
         self._auto_run = CellRun(
             self.backend(),
             self._ip.user_ns,
@@ -527,7 +542,7 @@ class GpuMem(Magics):
             del error
             code, self._auto_code = self._auto_code, None
             if code is not None:
-                self._advise(report, code, run.backend)
+                self._advise(report, code, run.backend, self._auto_source, self._auto_source)
             self._auto_publish(report)
             return
         self._auto_publish(run.succeeded())

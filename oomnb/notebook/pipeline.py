@@ -22,6 +22,7 @@ the parsing and the display.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import sys
 import time
@@ -312,10 +313,23 @@ class Isolation:
     budget_s: float
     #: Called first in each child: cut it off from the kernel's channels.
     prepare: Callable[[], None] | None = None
+    #: The cell's source (after IPython's transforms), so that a variable the
+    #: cell sets itself (``bs = 8192`` on its first line) can be overridden.
+    source: str | None = None
 
     def __post_init__(self) -> None:
         self.deadline = time.perf_counter() + self.budget_s
         self.spent_note: str | None = None
+
+    def code_for(self, overrides: dict[str, Any]) -> Any:
+        """The cell's code with ``overrides`` applied where the cell assigns them a constant."""
+        if not overrides or self.source is None:
+            return self.code
+        tree, edited = override_assignments(self.source, overrides)
+        if not edited:
+            return self.code
+        ast.increment_lineno(tree, 1)  # the %%gpumem line
+        return compile(tree, self.code.co_filename, "exec")
 
     def left(self) -> float:
         return self.deadline - time.perf_counter()
@@ -326,7 +340,7 @@ class Isolation:
 
         if not CAN_ISOLATE:
             raise DryRunError("this platform cannot fork, and oomnb never dry-runs a cell in the kernel itself")
-        code, user_ns = self.code, self.user_ns
+        code, user_ns = self.code_for(overrides), self.user_ns
 
         def child() -> Any:
             return dry_run_cell(code, user_ns, overrides=overrides, **options)
@@ -350,7 +364,7 @@ class Isolation:
             raise RuntimeError("real probes run only on the simulated device (a forked child cannot use CUDA)")
         if not CAN_ISOLATE:
             raise RuntimeError("this platform cannot fork")
-        code, user_ns, backend = self.code, self.user_ns, self.backend
+        code, user_ns, backend = self.code_for(overrides), self.user_ns, self.backend
 
         def child() -> int:
             return probe_cell(
@@ -368,6 +382,41 @@ class Isolation:
         return int(result.value)
 
 
+def override_assignments(source: str, overrides: dict[str, Any]) -> tuple[ast.Module, dict[str, int]]:
+    """Parse ``source`` and replace the constant of every top-level ``name = <constant>``
+    whose name is in ``overrides``.  Returns the tree and {name: 1-based line edited}."""
+    tree = ast.parse(source)
+    edited: dict[str, int] = {}
+    for node in tree.body:
+        targets: list[ast.expr] = []
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            targets = [node.target]
+        value = getattr(node, "value", None)
+        if not isinstance(value, ast.Constant):
+            continue
+        for target in targets:
+            if isinstance(target, ast.Name) and target.id in overrides:
+                setattr(node, "value", ast.copy_location(ast.Constant(overrides[target.id]), value))  # noqa: B010
+                edited[target.id] = node.lineno
+    return tree, edited
+
+
+def assigned_line(source: str | None, name: str) -> tuple[int, str] | None:
+    """The (1-based line, text) where the cell sets ``name`` to a constant at its top level."""
+    if not source:
+        return None
+    try:
+        _, edited = override_assignments(source, {name: 0})
+    except SyntaxError:
+        return None
+    line = edited.get(name)
+    if line is None:
+        return None
+    return line, source.splitlines()[line - 1]
+
+
 def advise_cell(
     report: Report,
     *,
@@ -375,6 +424,7 @@ def advise_cell(
     census: Any,
     cell_names: set[str],
     split_models: dict[str, Any],
+    raw_cell: str | None = None,
 ) -> None:
     """Put the advisor's ranked, measured suggestions into ``report`` (guarded by the caller)."""
     from ..analysis.advisor import advise, describe
@@ -393,6 +443,8 @@ def advise_cell(
     measured_kinds = {s.kind for s in advice.suggestions}
     rules_left = [s for s in report.suggestions if s.kind not in measured_kinds]
     report.suggestions = advice.suggestions + rules_left
+    for suggestion in report.suggestions:
+        _edit_in_cell(suggestion, isolation.source, raw_cell)
     extra = [line for line in describe(advice) if line != isolation.spent_note]
     if not CAN_ISOLATE:
         report.notes.append("advice without dry runs: this platform cannot fork, and oomnb never reruns a cell")
@@ -400,6 +452,39 @@ def advise_cell(
         report.notes.append(isolation.spent_note)
     if report.oom is not None and extra:
         report.oom.diagnosis = (report.oom.diagnosis + " Advisor: " + "; ".join(extra) + ".").strip()
+
+
+def _edit_in_cell(suggestion: Any, source: str | None, raw_cell: str | None) -> None:
+    """A new value for a variable the cell sets itself goes where the cell sets it.
+
+    ``bs = 4096`` pasted into a cell of its own would be overwritten by the
+    cell's own ``bs = 8192``: the snippet is then the cell with that line
+    edited (or, for a long cell, the edited line and where it goes).
+    """
+    name = suggestion.params.get("variable")
+    value = suggestion.params.get("value")
+    if not isinstance(name, str) or value is None:
+        return
+    found = assigned_line(source, name)
+    if found is None:
+        return
+    number, _ = found
+    lines = (raw_cell if raw_cell is not None else source or "").splitlines()
+    if not 0 < number <= len(lines) or name not in lines[number - 1]:
+        return
+    old = lines[number - 1]
+    indent = old[: len(old) - len(old.lstrip())]
+    new = f"{indent}{name} = {value!r}"
+    lines[number - 1] = new
+    suggestion.params["cell_line"] = number
+    suggestion.detail += f" The cell sets it on its line {number}: `{old.strip()}` becomes `{new.strip()}`."
+    # The rest of a multi-line snippet (accumulation's loop) follows the edited cell.
+    rest = [line for line in suggestion.code.splitlines() if not line.startswith(f"{name} =")]
+    extra = ("\n" + "\n".join(rest)) if rest else ""
+    if len(lines) <= 30:
+        suggestion.code = "\n".join(lines) + extra
+    else:
+        suggestion.code = f"# line {number} of the cell, instead of: {old.strip()}\n{new}" + extra
 
 
 def dry_run_report(run: CellRun, isolation: Isolation) -> Report:
