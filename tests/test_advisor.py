@@ -80,10 +80,10 @@ def test_output_cache_holding_a_tensor(shell: Any) -> None:
     shell.run(f"torch.ones({4 * MiB})")  # 16 MiB kept by Out[n] and _
     limit = shell.allocated() - 8 * MiB
     report = oom_report(shell, TRAIN, limit)
-    assert report.suggestions[0].kind == "clear_output_cache"
-    assert report.suggestions[0].saves_bytes == 16 * MiB
-    shell.run("%reset -f out")
-    shell.ip.user_ns_hidden.update({"_": "", "__": "", "___": ""})
+    top = report.suggestions[0]
+    assert top.kind == "clear_output_cache"
+    assert top.saves_bytes == 16 * MiB and top.fits is True
+    shell.run(top.code)  # applied literally, as a user would paste it
     assert fits(shell, TRAIN, limit)
 
 
@@ -94,7 +94,12 @@ def test_traceback_holding_memory(shell: Any) -> None:
     report = oom_report(shell, TRAIN, limit)
     # the OOM recovery itself clears the last traceback: what is left to do is rerun
     assert report.recovered_bytes >= 16 * MiB
-    assert fits(shell, TRAIN, limit)
+    top = report.suggestions[0]
+    assert top.title == "The memory is free now: run the cell again"
+    assert top.saves_bytes == 16 * MiB and top.fits is True
+    assert "ValueError in load()" in top.detail
+    assert any("held by the last error's traceback (ValueError in load())" in n for n in report.notes)
+    assert fits(shell, top.code, limit)
 
 
 def test_eval_without_no_grad(shell: Any) -> None:
@@ -207,3 +212,26 @@ def test_batch_size_set_in_the_cell_is_searched_and_the_edited_cell_fits(shell: 
     assert top.code.splitlines()[0] == f"bs = {value}"
     assert top.code.splitlines()[1:] == cell.splitlines()[1:]
     assert fits(shell, top.code, limit)
+
+
+def test_mixed_precision_snippet_runs_where_the_cell_ran(shell: Any) -> None:
+    """The autocast device is the cell's own ("cpu" on the simulated device) and the snippet is the cell."""
+    shell.run(
+        "from torch import nn\nmodel = nn.Sequential(*[nn.Sequential(nn.Linear(512, 2048), nn.GELU(), "
+        "nn.Linear(2048, 512)) for _ in range(4)])\nx = torch.randn(512, 512)"
+    )
+    cell = "out = model(x)\nprint(out.shape)"
+    limit = shell.allocated() + 12 * MiB
+    report = oom_report(shell, cell, limit, batch_var="x")
+    by_kind = {s.kind: s for s in report.suggestions}
+    mixed = by_kind["mixed_precision"]
+    assert mixed.code.splitlines()[0] == 'with torch.autocast("cpu", dtype=torch.bfloat16):'
+    assert mixed.code.splitlines()[1:] == ["    out = model(x)", "    print(out.shape)"]
+    no_grad = by_kind["no_grad"]
+    assert no_grad.fits is True and report.suggestions[0] is no_grad
+    assert fits(shell, no_grad.code, limit)
+    # what the dry run says of autocast alone is what happens when it is pasted
+    assert mixed.fits is False and not fits(shell, mixed.code, limit)
+    # a suggestion that does not fit never ranks above one that does
+    order = [s.fits for s in report.suggestions]
+    assert order == sorted(order, key=lambda f: 0 if f else (1 if f is None else 2))

@@ -76,10 +76,18 @@ def advise(
     margin: float = 0.05,
     probe: CellProbe | None = None,
     split_models: dict[str, Any] | None = None,
+    cell_source: str | None = None,
 ) -> Advice:
-    """Rank the changes that would make ``report``'s cell fit its device."""
+    """Rank the changes that would make ``report``'s cell fit its device.
+
+    ``cell_source`` (the cell as the user wrote it) lets snippets be the
+    cell itself, changed: what the dry run measured is what gets pasted.
+    """
     capacity = report.device.capacity_bytes or (report.oom.capacity_bytes if report.oom else None)
-    baseline = report.baseline_bytes
+    # The cell will be rerun from what is allocated now: after an OOM that is
+    # at most the baseline, and less where recovery freed what held memory
+    # before the cell (the previous error's traceback).
+    baseline = min(report.baseline_bytes, report.end_bytes) if report.oom is not None else report.baseline_bytes
     budget = int(capacity * (1 - margin)) if capacity else None
     notes: list[str] = []
     suggestions: list[Suggestion] = []
@@ -105,7 +113,8 @@ def advise(
         if as_is is None and probe is not None and capacity:
             suggestions += _probe_batch(report, probe, baseline, capacity, margin, notes)
     if run_cell is not None and as_is is not None:
-        suggestions += _what_if_suggestions(run_cell, as_is, bf16, notes)
+        device_type = "cuda" if report.device.kind == "cuda" else "cpu"
+        suggestions += _what_if_suggestions(run_cell, as_is, bf16, notes, cell_source, device_type)
         suggestions += _weights_suggestions(as_is, capacity, margin)
     if report.oom is not None and report.device.kind == "cuda":
         unallocated = report.oom.reserved_unallocated_bytes or 0
@@ -128,11 +137,18 @@ def advise(
 
 
 def _rank(suggestions: list[Suggestion], deficit: int | None) -> list[Suggestion]:
-    def key(s: Suggestion) -> tuple[int, int, int]:
-        fits = deficit is not None and s.saves_bytes is not None and s.saves_bytes >= deficit
+    """Those that make the cell fit alone first, then those whose effect is unknown, then the rest."""
+    for s in suggestions:
+        if s.fits is not None:
+            continue
         if deficit is not None and deficit <= 0:
-            fits = True
-        return (0 if fits else 1, _PREFERENCE.index(s.kind), -(s.saves_bytes or 0))
+            s.fits = True
+        elif deficit is not None and s.saves_bytes is not None:
+            s.fits = s.saves_bytes >= deficit
+
+    def key(s: Suggestion) -> tuple[int, int, int]:
+        order = 0 if s.fits else (1 if s.fits is None else 2)
+        return (order, _PREFERENCE.index(s.kind), -(s.saves_bytes or 0))
 
     # The same kind twice (two leaks): keep both, best first.
     return sorted(suggestions, key=key)
@@ -173,7 +189,8 @@ def _leak_suggestions(census: Census, cell_names: set[str]) -> list[Suggestion]:
                 detail="IPython keeps every displayed result in Out[n], _, __ and ___.",
                 saves_bytes=out_bytes,
                 params={"names": names},
-                code="%reset -f out",
+                # %reset out leaves _, __ and ___ in IPython's hidden namespace.
+                code="%reset -f out\nget_ipython().user_ns_hidden.update(_='', __='', ___='')",
                 source="measured",
             )
         )
@@ -186,7 +203,7 @@ def _leak_suggestions(census: Census, cell_names: set[str]) -> list[Suggestion]:
                 detail="The frames of the last error keep their local tensors alive.",
                 saves_bytes=tb_bytes,
                 params={},
-                code="import sys\nsys.last_traceback = sys.last_value = sys.last_type = None",
+                code="import sys\nsys.last_traceback = sys.last_value = sys.last_type = sys.last_exc = None",
                 source="measured",
             )
         )
@@ -356,8 +373,28 @@ def _device_map_suggestions(name: str, model: Any, capacity: int | None) -> list
     ]
 
 
-def _what_if_suggestions(run_cell: CellRunner, as_is: DryRun, bf16: bool | None, notes: list[str]) -> list[Suggestion]:
-    """Dry runs of the cell with one change each; a change that saves memory becomes a suggestion."""
+def _wrapped(cell_source: str | None, header: str, placeholder: str) -> str:
+    """The cell under ``header`` (a ``with`` line), or a placeholder body when the cell is unknown."""
+    if not cell_source:
+        return f"{header}\n    {placeholder}"
+    body = "\n".join(("    " + line) if line.strip() else line for line in cell_source.splitlines())
+    return f"{header}\n{body}"
+
+
+def _what_if_suggestions(
+    run_cell: CellRunner,
+    as_is: DryRun,
+    bf16: bool | None,
+    notes: list[str],
+    cell_source: str | None = None,
+    device_type: str = "cuda",
+) -> list[Suggestion]:
+    """Dry runs of the cell with one change each; a change that saves memory becomes a suggestion.
+
+    Each snippet is the whole cell under the change, as the dry run measured
+    it, with the autocast device of the cell's own tensors ("cpu" on the
+    simulated device, where CUDA autocast would do nothing).
+    """
     dtype = torch.bfloat16 if bf16 is not False else torch.float16
     label = "bf16" if dtype is torch.bfloat16 else "fp16"
     if bf16:
@@ -375,7 +412,11 @@ def _what_if_suggestions(run_cell: CellRunner, as_is: DryRun, bf16: bool | None,
                 "title": f"Run the forward pass in {label} autocast",
                 "detail": support,
                 "params": {"dtype": label},
-                "code": f'with torch.autocast("cuda", dtype={dtype}):\n    loss = ...  # the forward pass',
+                "code": _wrapped(
+                    cell_source,
+                    f'with torch.autocast("{device_type}", dtype={dtype}):',
+                    "loss = ...  # the forward pass",
+                ),
             },
             True,
         ),
@@ -402,7 +443,7 @@ def _what_if_suggestions(run_cell: CellRunner, as_is: DryRun, bf16: bool | None,
                     "title": "This cell never calls backward: run it under torch.no_grad()",
                     "detail": "Without no_grad every output keeps the activations its backward would need.",
                     "params": {},
-                    "code": "with torch.no_grad():\n    ...  # the cell",
+                    "code": _wrapped(cell_source, "with torch.no_grad():", "...  # the cell"),
                 },
                 False,
             )

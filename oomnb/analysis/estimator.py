@@ -316,7 +316,10 @@ def _measure(
             start = tracker.allocated
             tracker.reset_peak()
             if autocast is not None:
-                context.enter_context(torch.autocast("cpu", dtype=autocast))
+                # The device type of the cell's own tensors: what the user's
+                # torch.autocast(...) will name.
+                on_cuda = any(t.device.type == "cuda" for t in [*params, *inputs])
+                context.enter_context(torch.autocast("cuda" if on_cuda else "cpu", dtype=autocast))
             if no_grad:
                 context.enter_context(torch.no_grad())
             context.enter_context(_fake_values(notes))

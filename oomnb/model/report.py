@@ -90,6 +90,9 @@ class Suggestion:
     params: dict[str, Any] = field(default_factory=dict)
     code: str = ""
     source: str = "rule"
+    #: Whether this change alone makes the cell fit (from its own dry run or
+    #: measurement); None where that is unknown.
+    fits: bool | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in SUGGESTION_KINDS:

@@ -415,7 +415,7 @@ class GpuMem(Magics):
             self._publish(run.succeeded(), args.quiet)
             return value
         self._stop_snapshot(snapshot_path)
-        self._advise(report, whole, backend, transformed, cell)
+        self._advise(report, whole, backend, transformed, cell, run)
         self._publish(report, args.quiet)
         return None
 
@@ -438,7 +438,13 @@ class GpuMem(Magics):
         )
 
     def _advise(
-        self, report: Report, body: Any, backend: Backend, source: str | None = None, raw: str | None = None
+        self,
+        report: Report,
+        body: Any,
+        backend: Backend,
+        source: str | None = None,
+        raw: str | None = None,
+        run: CellRun | None = None,
     ) -> None:
         """Add the advisor's suggestions; any failure becomes one line of the report."""
         from .cleanup import shell_census
@@ -449,6 +455,7 @@ class GpuMem(Magics):
                 report,
                 isolation=self._isolation(body, backend, source),
                 raw_cell=raw,
+                freed_traceback=run.freed_traceback if run is not None else None,
                 census=shell_census(self._ip, backend),
                 cell_names=set(body.co_names),
                 split_models={
@@ -542,7 +549,7 @@ class GpuMem(Magics):
             del error
             code, self._auto_code = self._auto_code, None
             if code is not None:
-                self._advise(report, code, run.backend, self._auto_source, self._auto_source)
+                self._advise(report, code, run.backend, self._auto_source, self._auto_source, run)
             self._auto_publish(report)
             return
         self._auto_publish(run.succeeded())

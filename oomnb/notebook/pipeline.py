@@ -35,8 +35,9 @@ from ..allocator.oom import is_oom_error
 from ..analysis import rules
 from ..analysis.isolation import CAN_ISOLATE, run_isolated
 from ..backends import Backend, MemorySnapshot
-from ..model.report import DeviceInfo, OomInfo, Report
+from ..model.report import DeviceInfo, OomInfo, Report, Suggestion
 from ..model.safe import safe_value
+from ..model.units import format_bytes
 from . import recovery
 from .transaction import Ledger
 
@@ -222,6 +223,8 @@ class CellRun:
         self.source = source
         self.batch_var_name = batch_var
         self.ledger: Ledger | None = None
+        #: What the previous error's traceback held, freed by recovery.
+        self.freed_traceback: tuple[str, int] | None = None
         if rollback:
             scope = reachable_names(code, user_ns) if code is not None else None
             self.ledger = Ledger(user_ns, scope)
@@ -280,26 +283,54 @@ class CellRun:
                         + " held before the cell"
                     )
         with guarded(notes, "collect the failed cell's memory"):
-            finish_recovery(report, backend)
+            self.freed_traceback = finish_recovery(report, backend)
         report.notes = notes + report.notes
         return report
 
 
-def finish_recovery(report: Report, backend: Backend) -> None:
+def _describe_last_error() -> str | None:
+    """``ValueError in load()``: what ``sys.last_*`` keeps, in a few words."""
+    value = getattr(sys, "last_value", None) or getattr(sys, "last_exc", None)
+    if value is None:
+        return None
+    tb = getattr(sys, "last_traceback", None) or value.__traceback__
+    where = ""
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name != "<module>":
+            where = f" in {code.co_name}()"
+        tb = tb.tb_next
+    return f"{type(value).__name__}{where}"
+
+
+def finish_recovery(report: Report, backend: Backend) -> tuple[str, int] | None:
     """Free what a failed cell held and put the figures after it in ``report``.
 
     ``report`` was built at the moment of failure, so its ``end_bytes`` is what
     was allocated then; the exception's frames must already be released.
+    Returns what the previous error's traceback held, when releasing it freed
+    memory: (its description, bytes).
     """
     at_failure = report.end_bytes
-    recovery.clear_last_traceback()
     recovery.collect(done=lambda: backend.snapshot().allocated_bytes <= report.baseline_bytes)
+    before_traceback = backend.snapshot().allocated_bytes
+    last_error = _describe_last_error()
+    held = None
+    if recovery.clear_last_traceback():
+        recovery.collect(done=lambda: backend.snapshot().allocated_bytes < before_traceback)
+        freed = before_traceback - backend.snapshot().allocated_bytes
+        if freed > 0 and last_error is not None:
+            held = (last_error, freed)
+            report.notes.append(
+                f"recovery also freed {format_bytes(freed)} held by the last error's traceback ({last_error})"
+            )
     backend.empty_cache()
     after = backend.snapshot()
     report.end_bytes = after.allocated_bytes
     report.reserved_bytes = after.reserved_bytes
     report.free_bytes = after.free_bytes
     report.recovered_bytes = max(0, at_failure - after.allocated_bytes)
+    return held
 
 
 # -- advice: every execution isolated ----------------------------------------------------
@@ -425,6 +456,7 @@ def advise_cell(
     cell_names: set[str],
     split_models: dict[str, Any],
     raw_cell: str | None = None,
+    freed_traceback: tuple[str, int] | None = None,
 ) -> None:
     """Put the advisor's ranked, measured suggestions into ``report`` (guarded by the caller)."""
     from ..analysis.advisor import advise, describe
@@ -439,12 +471,30 @@ def advise_cell(
         bf16=backend.supports_bf16(),
         probe=isolation.probe if CAN_ISOLATE and backend.kind == "simulated" else None,
         split_models=split_models,
+        cell_source=raw_cell,
     )
     measured_kinds = {s.kind for s in advice.suggestions}
     rules_left = [s for s in report.suggestions if s.kind not in measured_kinds]
     report.suggestions = advice.suggestions + rules_left
     for suggestion in report.suggestions:
         _edit_in_cell(suggestion, isolation.source, raw_cell)
+    if freed_traceback is not None and advice.deficit_bytes is not None and advice.deficit_bytes <= 0:
+        # Recovery itself removed the cause: say so first, with the figure.
+        what, freed = freed_traceback
+        report.suggestions.insert(
+            0,
+            Suggestion(
+                kind="clear_traceback",
+                title="The memory is free now: run the cell again",
+                detail=f"The last error's traceback ({what}) held {format_bytes(freed)}; recovery released it, "
+                "and the dry run says the cell now fits.",
+                saves_bytes=freed,
+                params={"error": what},
+                code=raw_cell or "",
+                source="measured",
+                fits=True,
+            ),
+        )
     extra = [line for line in describe(advice) if line != isolation.spent_note]
     if not CAN_ISOLATE:
         report.notes.append("advice without dry runs: this platform cannot fork, and oomnb never reruns a cell")
