@@ -60,6 +60,9 @@ class Scenario:
     batch_var: str | None = None
     says: str = ""
     grows: tuple[str, ...] = ()
+    #: The cell's optimizer steps completed before the OOM: the state they
+    #: created stays with the weights they updated, and the report says so.
+    steps_completed: bool = False
     note: str = ""
 
     def __str__(self) -> str:
@@ -771,6 +774,7 @@ SCENARIOS: list[Scenario] = [
         oom_at="loss.backward()",
         oom=Effects(counters={"step": 1}),
         ok=Effects(counters={"step": 2}),
+        steps_completed=True,
         note="the first batch's step completes (Adam's state is created), the second batch's backward runs out",
     ),
     Scenario(

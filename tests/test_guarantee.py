@@ -392,7 +392,10 @@ def _oom_problems(scenario: Scenario, ref: Outcome, run: Outcome) -> list[str]:
                 problems.append(f"{key}: the failed cell's gradient was kept ({now}); it was None before")
             continue
         if _STATE_ENTRY.search(key) and was is None:
-            if now is not None:
+            if scenario.steps_completed:
+                if now != want:
+                    problems.append(f"{key}: {now} (the real run's completed steps left {want})")
+            elif now is not None:
                 problems.append(f"{key}: optimizer state created by the failed cell was kept ({now})")
             continue
         if now == want:
@@ -509,11 +512,13 @@ def test_guarantee(gshell: Shell, tmp_path: Path, scenario: Scenario, mode: str)
         if requested != ref.requested:
             problems.append(f"the cell ran out elsewhere: requested {requested} bytes, the plain run {ref.requested}")
         baseline = report.get("baseline_bytes", run.baseline)
-        if not scenario.grows and run.allocated_after > baseline:
+        text = _report_text(report)
+        if scenario.steps_completed and "completed steps created" not in text:
+            problems.append("the report does not say that the completed steps' optimizer state was kept")
+        if not scenario.grows and not scenario.steps_completed and run.allocated_after > baseline:
             problems.append(
                 f"after the caught OOM {run.allocated_after - baseline} bytes more than the baseline stay allocated"
             )
-        text = _report_text(report)
         problems += [
             f"the report does not say that {name} kept new memory"
             for name in scenario.grows

@@ -398,16 +398,24 @@ class Ledger:
             )
 
     def _undo_optimizer_state(self, outcome: Rollback) -> None:
-        removed = changed = 0
+        removed = changed = kept = 0
         for entry in self.optimizers:
             opt = entry.ref()
             if opt is None:
                 continue
+            created = [p for p in opt.state if id(p) not in entry.entries]
+            if created and _steps_complete(opt):
+                # Every trainable parameter has state at the same step: the
+                # cell's steps finished before the OOM, and the weights they
+                # updated are kept, so their state stays with them.
+                kept += len(created)
+                created = []
+            for param in created:
+                del opt.state[param]
+                removed += 1
             for param in list(opt.state.keys()):
                 recorded = entry.entries.get(id(param))
                 if recorded is None:
-                    del opt.state[param]
-                    removed += 1
                     continue
                 state = opt.state[param]
                 if not isinstance(state, dict):
@@ -427,6 +435,11 @@ class Ledger:
                         break
         if removed:
             outcome.released.append(f"optimizer state of {removed} parameter{'s' if removed != 1 else ''}")
+        if kept:
+            outcome.notes.append(
+                f"kept the optimizer state the cell's completed steps created for {kept} parameter"
+                f"{'s' if kept != 1 else ''} (the weights those steps updated are kept too)"
+            )
         if changed:
             outcome.notes.append(
                 f"the failed cell changed the optimizer state of {changed} parameter{'s' if changed != 1 else ''}"
@@ -446,6 +459,25 @@ class Ledger:
                     f"`{name}` existed before the cell and the failed cell added {grown} item"
                     f"{'s' if grown != 1 else ''} to it (kept)"
                 )
+
+
+def _steps_complete(opt: torch.optim.Optimizer) -> bool:
+    """Whether every trainable parameter has optimizer state, all at the same step."""
+    steps: set[float] = set()
+    for group in opt.param_groups:
+        for param in group.get("params", []):
+            if not isinstance(param, torch.Tensor) or not param.requires_grad:
+                continue
+            state = opt.state.get(param)
+            if not state:
+                return False
+            step = state.get("step") if isinstance(state, dict) else None
+            if step is not None:
+                try:
+                    steps.add(float(step))
+                except (TypeError, ValueError, RuntimeError):
+                    return False
+    return len(steps) <= 1
 
 
 def _old_reached(roots: list[Any], old: _Old, fenced: set[int]) -> set[int]:
