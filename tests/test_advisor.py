@@ -235,3 +235,19 @@ def test_mixed_precision_snippet_runs_where_the_cell_ran(shell: Any) -> None:
     # a suggestion that does not fit never ranks above one that does
     order = [s.fits for s in report.suggestions]
     assert order == sorted(order, key=lambda f: 0 if f else (1 if f is None else 2))
+
+
+def test_graph_on_an_object_attribute_gets_a_valid_snippet(shell: Any) -> None:
+    """`net = net.detach()` was suggested for a graph kept on an attribute: modules have no detach()."""
+    shell.run(
+        SETUP + "batch_size = 256\nclass Trainer:\n    pass\ntrainer = Trainer()\n"
+        "trainer.last_loss = model(torch.randn(4096, 256)).sum()"  # keeps its graph
+    )
+    limit = shell.allocated() + 2 * MiB
+    report = oom_report(shell, TRAIN, limit)
+    leak = next(s for s in report.suggestions if s.params.get("action") == "detach")
+    assert leak.params["path"] == "trainer.last_loss"
+    assert leak.code.splitlines()[0] == "trainer.last_loss = trainer.last_loss.detach()"
+    shell.run(leak.code)  # applied literally
+    assert shell.ns["trainer"].last_loss.grad_fn is None
+    assert fits(shell, TRAIN, limit)

@@ -10,6 +10,7 @@ least intrusive change comes first.
 
 from __future__ import annotations
 
+import keyword
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torch
 
 from ..model.report import Report, Suggestion
 from ..model.units import format_bytes
-from .census import Census
+from .census import Census, TensorRecord
 from .estimator import BatchFit, DryRun, DryRunError, search_batch
 from .rules import EXPANDABLE_CODE
 
@@ -154,27 +155,62 @@ def _rank(suggestions: list[Suggestion], deficit: int | None) -> list[Suggestion
     return sorted(suggestions, key=key)
 
 
+def _python_path(path: str) -> str:
+    """A census path as an expression that assigns: ``model.blocks.3.last`` is
+    ``model.get_submodule("blocks.3").last`` (a ModuleList's index is no attribute)."""
+    head, _, tail = path.partition("[")
+    segments = head.split(".")
+    if len(segments) <= 2 or all(s.isidentifier() and not keyword.iskeyword(s) for s in segments):
+        return path
+    root, middle, attr = segments[0], segments[1:-1], segments[-1]
+    expression = f'{root}.get_submodule("{".".join(middle)}").{attr}'
+    return expression + ("[" + tail if tail else "")
+
+
 def _leak_suggestions(census: Census, cell_names: set[str]) -> list[Suggestion]:
     found: list[Suggestion] = []
-    graphs: dict[str, list[int]] = {}
+    # A variable or container is detached as a whole, a tensor kept on an
+    # object's attribute on its own path.  Tensors a module keeps on
+    # attributes in forward are replaced by the next forward: what clearing
+    # them saves at the peak needs a dry run, not the census (left out).
+    graphs: dict[str, list[TensorRecord]] = {}
+    module_roots = {r.root for r in census.records if r.holder == "parameter"}
     for record in census.records:
-        if record.graph_bytes and record.holder in ("variable", "container", "attribute"):
-            graphs.setdefault(record.root, []).append(record.graph_bytes)
-    for root, sizes in sorted(graphs.items(), key=lambda item: -sum(item[1])):
-        total = sum(sizes)
-        many = f"{len(sizes)} autograd graphs" if len(sizes) > 1 else "its autograd graph"
-        code = (
-            f"{root} = [t.detach() for t in {root}]  # or keep loss.item() instead of loss"
-            if len(sizes) > 1
-            else f"{root} = {root}.detach()  # or keep {root}.item()"
-        )
+        if not record.graph_bytes:
+            continue
+        if record.holder in ("variable", "container"):
+            graphs.setdefault(record.root, []).append(record)
+        elif record.holder == "attribute" and record.root not in module_roots:
+            graphs.setdefault(record.path, []).append(record)
+    for holder, records in sorted(graphs.items(), key=lambda item: -sum(r.graph_bytes for r in item[1])):
+        total = sum(r.graph_bytes for r in records)
+        many = f"{len(records)} autograd graphs" if len(records) > 1 else "its autograd graph"
+        if holder != records[0].root:  # an attribute
+            target = _python_path(holder)
+            code = f"{target} = {target}.detach()\n# and where it is set (in forward): store h.detach(), not h"
+            detail = (
+                f"An attribute of `{records[0].root}` keeps a tensor with its grad_fn, and with it every "
+                "activation its backward would need, after backward has run."
+            )
+        elif all(r.path == holder for r in records):  # the variable itself
+            code = f"{holder} = {holder}.detach()  # or keep {holder}.item()"
+            detail = "A tensor that still has its grad_fn keeps every activation its backward would need."
+        elif any(r.path.startswith((f"{holder}['", f'{holder}["')) for r in records):  # a dict
+            code = (
+                f"{holder} = {{k: v.detach() if torch.is_tensor(v) else v for k, v in {holder}.items()}}"
+                "  # or keep loss.item()"
+            )
+            detail = "Tensors that still have their grad_fn keep every activation their backward would need."
+        else:
+            code = f"{holder} = [t.detach() if torch.is_tensor(t) else t for t in {holder}]  # or keep loss.item()"
+            detail = "Tensors that still have their grad_fn keep every activation their backward would need."
         found.append(
             Suggestion(
                 kind="free_references",
-                title=f"`{root}` keeps {many} alive ({format_bytes(total)})",
-                detail="A tensor that still has its grad_fn keeps every activation its backward would need.",
+                title=f"`{holder}` keeps {many} alive ({format_bytes(total)})",
+                detail=detail,
                 saves_bytes=total,
-                params={"names": [root], "action": "detach"},
+                params={"names": [records[0].root], "path": holder, "action": "detach"},
                 code=code,
                 source="measured",
             )
