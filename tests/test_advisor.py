@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jsonschema
+import pytest
 
 import oomnb
 from oomnb.model.report import MIME_TYPE, load_schema
@@ -24,8 +25,9 @@ loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
 """
 
 
-def oom_report(shell: Any, cell: str, limit: int, batch_var: str = "batch_size") -> Any:
-    result = shell.run(f"%%gpumem --limit {limit} --batch-var {batch_var}\n{cell}")
+def oom_report(shell: Any, cell: str, limit: int, batch_var: str | None = "batch_size") -> Any:
+    option = f" --batch-var {batch_var}" if batch_var else ""
+    result = shell.run(f"%%gpumem --limit {limit}{option}\n{cell}")
     assert result.success
     report = oomnb.last_report()
     assert report is not None
@@ -222,7 +224,7 @@ def test_mixed_precision_snippet_runs_where_the_cell_ran(shell: Any) -> None:
     )
     cell = "out = model(x)\nprint(out.shape)"
     limit = shell.allocated() + 12 * MiB
-    report = oom_report(shell, cell, limit, batch_var="x")
+    report = oom_report(shell, cell, limit, batch_var=None)
     by_kind = {s.kind: s for s in report.suggestions}
     mixed = by_kind["mixed_precision"]
     assert mixed.code.splitlines()[0] == 'with torch.autocast("cpu", dtype=torch.bfloat16):'
@@ -251,3 +253,62 @@ def test_graph_on_an_object_attribute_gets_a_valid_snippet(shell: Any) -> None:
     shell.run(leak.code)  # applied literally
     assert shell.ns["trainer"].last_loss.grad_fn is None
     assert fits(shell, TRAIN, limit)
+
+
+BLOCKS = """
+from torch import nn
+torch.manual_seed(0)
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            [nn.Sequential(nn.Linear(512, 2048), nn.GELU(), nn.Linear(2048, 512)) for _ in range(8)]
+        )
+        self.head = nn.Linear(512, 10)
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+model = Net()
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+"""
+
+
+def test_checkpointing_snippet_runs_on_the_users_model(shell: Any) -> None:
+    """The snippet does to the model what the dry run did to its copy; pasted, then the cell fits."""
+    shell.run(BLOCKS)
+    cell = (
+        "loss = model(torch.randn(1024, 512)).logsumexp(-1).mean()\nloss.backward()\n"
+        "opt.step(); opt.zero_grad(set_to_none=True)"
+    )
+    limit = shell.allocated() + 110 * MiB
+    report = oom_report(shell, cell, limit, batch_var=None)
+    top = report.suggestions[0]
+    assert top.kind == "gradient_checkpointing" and top.fits is True
+    assert 'for block in model.get_submodule("blocks"):' in top.code
+    shell.run(top.code)
+    assert fits(shell, cell, limit)
+
+
+def test_hugging_face_checkpointing_with_an_attention_mask(shell: Any) -> None:
+    """The what-if failed on causal LMs given a mask (the key/value cache stayed on)."""
+    transformers = pytest.importorskip("transformers")
+    del transformers
+    shell.run(
+        "import transformers\ntorch.manual_seed(0)\n"
+        "model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=4, n_embd=128, n_head=4, "
+        "n_positions=256, vocab_size=1000, bos_token_id=0, eos_token_id=0))\n"
+        "opt = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+        "ids = torch.randint(0, 1000, (16, 256))\nmask = torch.ones_like(ids)"
+    )
+    cell = (
+        "out = model(input_ids=ids, attention_mask=mask, labels=ids)\nout.loss.backward()\n"
+        "opt.step(); opt.zero_grad(set_to_none=True)"
+    )
+    limit = shell.allocated() + 200 * MiB
+    report = oom_report(shell, cell, limit, batch_var=None)
+    top = report.suggestions[0]
+    assert top.kind == "gradient_checkpointing" and top.fits is True, report.oom.diagnosis
+    assert "model.config.use_cache = False" in top.code
+    shell.run(top.code)
+    assert fits(shell, cell, limit)

@@ -487,13 +487,18 @@ def _what_if_suggestions(
     found = []
     for options, fields, noted in variants:
         try:
-            saves = as_is.peak_bytes - run_cell({}, **options).peak_bytes
+            changed = run_cell({}, **options)
         except DryRunError as exc:
             if noted:
                 notes.append(f"{fields['kind']} dry run: {exc}")
             continue
-        if saves > 0:
-            found.append(Suggestion(saves_bytes=saves, source="dry-run", **fields))
+        saves = as_is.peak_bytes - changed.peak_bytes
+        if saves <= 0:
+            continue
+        if options.get("checkpoint") and changed.checkpoint_code:
+            # What the dry run did to the model's copy, to run once on the model.
+            fields = dict(fields, code=changed.checkpoint_code + "\n# then run the cell again")
+        found.append(Suggestion(saves_bytes=saves, source="dry-run", **fields))
     return found
 
 

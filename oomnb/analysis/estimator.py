@@ -67,6 +67,9 @@ class DryRun:
     optimizer_bytes: int
     inputs_bytes: int
     notes: list[str] = field(default_factory=list)
+    #: With ``checkpoint``: the code that does to the user's model what the
+    #: dry run did to its copy (empty where a model is not named).
+    checkpoint_code: str = ""
 
     @property
     def activations_bytes(self) -> int:
@@ -280,6 +283,7 @@ def _measure(
     no_grad: bool,
     checkpoint: bool,
     batch_size: int | None = None,
+    names: dict[int, str] | None = None,
 ) -> DryRun:
     """Run ``run()`` under ``mode`` and count the fake storages it allocates.
 
@@ -291,11 +295,20 @@ def _measure(
     optimizers = [v for v in _walk(roots) if isinstance(v, torch.optim.Optimizer)]
     for opt in optimizers:
         _guard_optimizer_step(opt, notes)
+    checkpoint_code = ""
     if checkpoint:
-        wrapped = sum(_checkpoint_blocks(m) for m in modules)
+        wrapped = 0
+        snippets = []
+        for module in modules:
+            count, where = _checkpoint_blocks(module)
+            wrapped += count
+            name = (names or {}).get(id(module))
+            if count and name is not None and where is not None:
+                snippets.append(_checkpoint_snippet(name, where, module))
         if not wrapped:
             raise DryRunError("no repeated blocks to checkpoint (a ModuleList or Sequential of like layers)")
         notes.append(f"checkpointed {wrapped} blocks")
+        checkpoint_code = "\n\n".join(snippets)
     params = [p for m in modules for p in m.parameters()]
     buffers = [b for m in modules for b in m.buffers()]
     tracker = SimulatedDevice(track_device="meta")
@@ -344,6 +357,7 @@ def _measure(
         optimizer_bytes=_bytes_of(t for opt in optimizers for t in _state_tensors(opt)),
         inputs_bytes=_bytes_of(iter(inputs)),
         notes=notes,
+        checkpoint_code=checkpoint_code,
     )
 
 
@@ -417,18 +431,64 @@ def _why(exc: BaseException) -> str:
     return f"{name}: {text[:160]}"
 
 
-def _checkpoint_blocks(module: torch.nn.Module) -> int:
-    """Wrap the biggest run of like blocks (a ModuleList or Sequential) in checkpointing."""
+_CHECKPOINT_HELPER = """from torch.utils.checkpoint import checkpoint
+
+
+def checkpointed(block):
+    forward = block.forward
+    block.forward = lambda *args, **kwargs: checkpoint(forward, *args, use_reentrant=False, **kwargs)
+"""
+
+
+def _hf_enable(module: Any) -> Any:
+    """transformers 5 renamed gradient_checkpointing_enable (kept as a deprecated alias)."""
+    return getattr(module, "activation_checkpointing_enable", None) or module.gradient_checkpointing_enable
+
+
+def _hf_kwargs(enable: Any) -> str:
+    return (
+        "activation_checkpointing_kwargs"
+        if enable.__name__ == "activation_checkpointing_enable"
+        else "gradient_checkpointing_kwargs"
+    )
+
+
+def _checkpoint_snippet(name: str, where: str, module: Any = None) -> str:
+    """What does to the model named ``name`` what :func:`_checkpoint_blocks` did to its copy."""
+    if where == "hf":
+        enable = _hf_enable(module)
+        return (
+            f'{name}.{enable.__name__}({_hf_kwargs(enable)}={{"use_reentrant": False}})\n'
+            f"{name}.config.use_cache = False  # a key/value cache and recomputation do not mix"
+        )
+    blocks = name if where == "" else f'{name}.get_submodule("{where}")'
+    return f"{_CHECKPOINT_HELPER}\n\nfor block in {blocks}:\n    checkpointed(block)"
+
+
+def _checkpoint_blocks(module: torch.nn.Module) -> tuple[int, str | None]:
+    """Checkpoint ``module``'s repeated blocks; returns how many, and where: ``"hf"``
+    for a Hugging Face model (its own ``gradient_checkpointing_enable``), else the
+    qualified name of the biggest ModuleList or Sequential of like blocks."""
     from torch.utils.checkpoint import checkpoint
 
+    if getattr(module, "supports_gradient_checkpointing", False) and hasattr(module, "gradient_checkpointing_enable"):
+        enable: Any = _hf_enable(module)
+        enable(**{_hf_kwargs(enable): {"use_reentrant": False}})
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "use_cache"):
+            # Recomputation with a key/value cache on appends keys twice.
+            config.use_cache = False
+        count = sum(1 for m in module.modules() if getattr(m, "gradient_checkpointing", False) is True)
+        return max(count, 1), "hf"
     best: list[torch.nn.Module] = []
-    for sub in module.modules():
+    best_name: str | None = None
+    for qualified, sub in module.named_modules():
         if isinstance(sub, (torch.nn.ModuleList, torch.nn.Sequential)):
             children = list(sub.children())
             kinds = {type(c) for c in children}
             size = sum(p.numel() for c in children for p in c.parameters())
             if len(children) >= 2 and len(kinds) == 1 and size > sum(p.numel() for c in best for p in c.parameters()):
-                best = children
+                best, best_name = children, qualified
     for block in best:
         forward = block.forward
 
@@ -436,7 +496,7 @@ def _checkpoint_blocks(module: torch.nn.Module) -> int:
             return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
 
         block.forward = checkpointed
-    return len(best)
+    return len(best), best_name
 
 
 def search_batch(
@@ -555,7 +615,8 @@ def dry_run_cell(
     def run() -> None:
         exec(code, namespace)  # noqa: S102 - the user's own cell, on fake copies, isolated
 
-    return _measure(mode, roots, tensors, run, autocast=autocast, no_grad=no_grad, checkpoint=checkpoint)
+    names = {id(value): name for name, value in fake.items()}
+    return _measure(mode, roots, tensors, run, autocast=autocast, no_grad=no_grad, checkpoint=checkpoint, names=names)
 
 
 def probe_cell(
