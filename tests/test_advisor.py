@@ -49,12 +49,20 @@ def test_batch_too_large(shell: Any) -> None:
     baseline = shell.allocated()
     report = oom_report(shell, TRAIN, limit)
     assert shell.allocated() <= baseline
+    # Same math first: the cell rewritten as micro-batches with one step,
+    # measured as such; pasted as written, it fits and keeps the batch of 4096.
     top = report.suggestions[0]
-    assert top.kind == "batch_size"
-    assert top.source == "dry-run"
-    assert 0 < top.params["value"] < 4096
-    assert top.params["accumulation_steps"] == -(-4096 // top.params["value"])
-    shell.run(f"batch_size = {top.params['value']}")
+    assert top.kind == "gradient_accumulation" and top.fits is True and top.source == "dry-run"
+    steps, micro = top.params["accumulation_steps"], top.params["value"]
+    assert steps * micro >= 4096 and (steps - 1) * micro < 4096
+    assert top.code.startswith(f"accumulation_steps = {steps}\nbatch_size = {micro}\nfor micro_step in range(")
+    assert "(loss / accumulation_steps).backward()" in top.code
+    assert fits(shell, top.code, limit)
+    # a smaller batch alone changes the experiment: after it, and it fits too
+    smaller = next(s for s in report.suggestions if s.kind == "batch_size")
+    assert smaller.fits is True and 0 < smaller.params["value"] < 4096
+    assert smaller.params["accumulation_steps"] == -(-4096 // smaller.params["value"])
+    shell.run(f"batch_size = {smaller.params['value']}")
     assert fits(shell, TRAIN, limit)
     # the answer keeps the 5% margin, and the dry run predicted the real peak
     real = oomnb.last_report()
@@ -143,7 +151,7 @@ def test_dry_run_flag_runs_nothing(shell: Any) -> None:
     assert "x" not in shell.ns  # not executed
     assert shell.allocated() == before
     assert report.peak_bytes > before + 4 * MiB  # it would not fit...
-    assert report.suggestions[0].kind == "batch_size"  # ...and the advisor says what would
+    assert report.suggestions[0].kind == "gradient_accumulation"  # ...and the advisor says what would
     assert "DRY RUN" in result.captured.outputs[-1].data["text/plain"]
 
 
@@ -205,8 +213,8 @@ def test_batch_size_set_in_the_cell_is_searched_and_the_edited_cell_fits(shell: 
     )
     limit = shell.allocated() + 32 * MiB
     report = oom_report(shell, cell, limit, batch_var="bs")
-    top = report.suggestions[0]
-    assert top.kind == "batch_size" and top.source == "dry-run"
+    top = next(s for s in report.suggestions if s.kind == "batch_size")
+    assert top.source == "dry-run" and top.fits is True
     assert top.params["cell_line"] == 1
     value = top.params["value"]
     assert 1024 < value < 8192
@@ -214,6 +222,11 @@ def test_batch_size_set_in_the_cell_is_searched_and_the_edited_cell_fits(shell: 
     assert top.code.splitlines()[0] == f"bs = {value}"
     assert top.code.splitlines()[1:] == cell.splitlines()[1:]
     assert fits(shell, top.code, limit)
+    # accumulation ranks first and edits the cell's own assignment
+    first = report.suggestions[0]
+    assert first.kind == "gradient_accumulation"
+    assert f"    bs = {first.params['value']}" in first.code.splitlines()
+    assert fits(shell, first.code, limit)
 
 
 def test_mixed_precision_snippet_runs_where_the_cell_ran(shell: Any) -> None:

@@ -26,22 +26,27 @@ from .rules import EXPANDABLE_CODE
 
 __all__ = ["Advice", "advise"]
 
-# Least intrusive first: what ranks a suggestion among those that fit.
+# What ranks a suggestion among those that fit: changes that keep the math
+# identical first (free what leaks, clear caches, no_grad, backward per
+# micro-batch, accumulation, checkpointing, a balanced device map), then those
+# that change numerics slightly (autocast, an 8-bit optimizer), then those
+# that change the experiment (a smaller batch or input, a quantized model,
+# more GPUs).
 _PREFERENCE = [
     "clear_output_cache",
     "clear_traceback",
     "free_references",
     "no_grad",
     "expandable_segments",
-    "batch_size",
     "gradient_accumulation",
-    "mixed_precision",
     "gradient_checkpointing",
-    "input_size",
+    "device_map",
+    "mixed_precision",
     "optimizer",
+    "batch_size",
+    "input_size",
     "quantization",
     "sharding",
-    "device_map",
 ]
 
 #: ``run(overrides, autocast=..., no_grad=..., checkpoint=...) -> DryRun`` for the cell.
@@ -108,7 +113,7 @@ def advise(
     if census is not None:
         suggestions += _leak_suggestions(census, cell_names or set())
     if run_cell is not None and as_is is not None and capacity:
-        fit = _batch_suggestions(report, run_cell, as_is, baseline, capacity, margin, suggestions, notes)
+        fit = _batch_suggestions(report, run_cell, as_is, baseline, capacity, margin, suggestions, notes, cell_source)
     else:
         fit = None
         if as_is is None and probe is not None and capacity:
@@ -116,7 +121,7 @@ def advise(
     if run_cell is not None and as_is is not None:
         device_type = "cuda" if report.device.kind == "cuda" else "cpu"
         suggestions += _what_if_suggestions(run_cell, as_is, bf16, notes, cell_source, device_type)
-        suggestions += _weights_suggestions(as_is, capacity, margin)
+        suggestions += _weights_suggestions(as_is, capacity, margin, cell_source)
     if report.oom is not None and report.device.kind == "cuda":
         unallocated = report.oom.reserved_unallocated_bytes or 0
         if unallocated >= max(report.oom.requested_bytes or 0, 64 * 2**20):
@@ -270,6 +275,119 @@ def _leak_suggestions(census: Census, cell_names: set[str]) -> list[Suggestion]:
     return found
 
 
+_BATCH_KEYWORDS = {"batch_size", "bs", "per_device_train_batch_size", "per_device_eval_batch_size", "num_samples"}
+_LENGTH_KEYWORDS = {"max_length", "max_new_tokens", "seq_len", "size", "height", "width", "resolution", "num_tokens"}
+
+
+def variable_role(cell_source: str | None, name: str) -> str:
+    """Whether ``name`` is a batch (``"batch"``) or a length/resolution (``"input"``), by its use in the cell.
+
+    A ``batch_size=``-like argument makes a batch and a ``max_length=``-like
+    one an input size; then the variable's name (``bs_eval``, ``seq_len``);
+    then its place: the first size of a tensor factory
+    (``torch.randn(n, 3, 224, 224)``) or a slice of the first dimension is a
+    batch, a later size (an image's height) an input size.
+    """
+    import ast
+
+    votes = {"batch": 0, "input": 0}
+    named = {"batch": 0, "input": 0}
+    try:
+        tree = ast.parse(cell_source or "")
+    except SyntaxError:
+        tree = ast.Module(body=[], type_ignores=[])
+
+    def is_name(node: ast.AST) -> bool:
+        return isinstance(node, ast.Name) and node.id == name
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            sizes = node.args
+            if len(sizes) == 1 and isinstance(sizes[0], (ast.Tuple, ast.List)):
+                sizes = list(sizes[0].elts)
+            for position, arg in enumerate(sizes):
+                if is_name(arg):
+                    votes["batch" if position == 0 else "input"] += 1
+            for keyword_arg in node.keywords:
+                if is_name(keyword_arg.value) and keyword_arg.arg:
+                    if keyword_arg.arg in _BATCH_KEYWORDS:
+                        named["batch"] += 1
+                    elif keyword_arg.arg in _LENGTH_KEYWORDS:
+                        named["input"] += 1
+        elif isinstance(node, ast.Subscript):
+            first = node.slice.elts[0] if isinstance(node.slice, ast.Tuple) and node.slice.elts else node.slice
+            if isinstance(first, ast.Slice) and (is_name(first.upper) if first.upper else False):
+                votes["batch"] += 1
+    # An argument named for its role says most, then the variable's own name,
+    # then where it stands among a factory's sizes.
+    if named["batch"] != named["input"]:
+        return "batch" if named["batch"] > named["input"] else "input"
+    lowered = name.lower()
+    if "batch" in lowered or lowered in ("bs", "b", "n") or lowered.startswith(("bs_", "n_samples")):
+        return "batch"
+    if any(word in lowered for word in ("len", "seq", "token", "res", "height", "width", "size", "pixel", "img")):
+        return "input"
+    if votes["batch"] != votes["input"]:
+        return "batch" if votes["batch"] > votes["input"] else "input"
+    return "input"
+
+
+def accumulation_cell(cell_source: str, name: str, micro: int, steps: int, sets_it: bool) -> str | None:
+    """The cell as ``steps`` micro-batches of ``micro`` with one optimizer step: gradient accumulation.
+
+    The cell's top-level ``X.backward()`` becomes ``(X / accumulation_steps).backward()``
+    inside a loop, and its ``opt.step()`` / ``zero_grad()`` move after it.  None
+    where the cell is not shaped that way (no top-level backward and step).
+    """
+    import ast
+
+    try:
+        tree = ast.parse(cell_source)
+    except SyntaxError:
+        return None
+
+    def call_of(node: ast.stmt, attr: str) -> ast.Call | None:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+            func = node.value.func
+            if isinstance(func, ast.Attribute) and func.attr == attr:
+                return node.value
+        return None
+
+    body: list[ast.stmt] = []
+    update: list[ast.stmt] = []
+    backward = 0
+    for node in tree.body:
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Constant)
+            and any(isinstance(t, ast.Name) and t.id == name for t in node.targets)
+        ):
+            node.value = ast.Constant(micro)  # the cell sets the batch itself
+        if call_of(node, "step") is not None or call_of(node, "zero_grad") is not None:
+            update.append(node)
+            continue
+        call = call_of(node, "backward")
+        if call is not None and isinstance(call.func, ast.Attribute) and not call.args:
+            scaled = ast.BinOp(left=call.func.value, op=ast.Div(), right=ast.Name("accumulation_steps", ast.Load()))
+            call.func.value = scaled
+            backward += 1
+        body.append(node)
+    if backward != 1 or not any(call_of(n, "step") is not None for n in update):
+        return None
+    loop = ast.For(
+        target=ast.Name("micro_step", ast.Store()),
+        iter=ast.Call(ast.Name("range", ast.Load()), [ast.Name("accumulation_steps", ast.Load())], []),
+        body=body,
+        orelse=[],
+    )
+    head: list[ast.stmt] = [ast.parse(f"accumulation_steps = {steps}").body[0]]
+    if not sets_it:
+        head.append(ast.parse(f"{name} = {micro}").body[0])
+    module = ast.Module(body=[*head, loop, *update], type_ignores=[])
+    ast.fix_missing_locations(module)
+    return ast.unparse(module)
+
+
 def _batch_suggestions(
     report: Report,
     run_cell: CellRunner,
@@ -279,12 +397,14 @@ def _batch_suggestions(
     margin: float,
     suggestions: list[Suggestion],
     notes: list[str],
+    cell_source: str | None = None,
 ) -> BatchFit | None:
     var = report.batch_var
     value = var.get("value") if var else None
     if var is None or not isinstance(value, int) or isinstance(value, bool) or value < 1:
         return None
     name = str(var["name"])
+    role = variable_role(cell_source, name)
 
     def run_at(b: int) -> DryRun:
         run = run_cell({name: b})
@@ -302,9 +422,9 @@ def _batch_suggestions(
         return fit
     saves = current - fit.verified_peak_bytes
     steps = math.ceil(value / fit.max_batch)
-    # --batch-var searches any integer memory grows with; a length or a
-    # resolution is an input size, not a batch.
-    kind = "batch_size" if "batch" in name.lower() or name.lower() in ("bs", "b", "n") else "input_size"
+    # --batch-var searches any integer memory grows with: its role in the
+    # cell (a batch, or a length or resolution) decides the kind.
+    kind = "batch_size" if role == "batch" else "input_size"
     suggestions.append(
         Suggestion(
             kind=kind,
@@ -318,23 +438,42 @@ def _batch_suggestions(
             source="dry-run",
         )
     )
-    micro = math.ceil(value / steps)
-    if kind != "batch_size":
+    if kind != "batch_size" or not _gradient_bytes(as_is, cell_source) or not cell_source:
+        return fit  # accumulation is for training: a cell without backward has no gradients to keep
+    # The cell rewritten as micro-batches with one optimizer step, dry-run as
+    # such: the gradients stay allocated between micro-batches, which a plain
+    # smaller batch does not pay for.
+    sets_it = f"{name} =" in cell_source or f"{name}=" in cell_source
+    micro = fit.max_batch
+    for _ in range(6):
+        steps = math.ceil(value / micro)
+        micro = math.ceil(value / steps)
+        changed = accumulation_cell(cell_source, name, micro, steps, sets_it)
+        if changed is None:
+            return fit
+        try:
+            run = run_cell({name: micro}, source=changed)
+        except DryRunError as exc:
+            notes.append(f"gradient accumulation dry run: {exc}")
+            return fit
+        peak = _predicted(run, baseline)
+        if peak <= fit.budget_bytes:
+            break
+        micro = max(1, micro * 3 // 4)
+    else:
         return fit
     suggestions.append(
         Suggestion(
             kind="gradient_accumulation",
-            title=f"Keep the effective batch of {value}: {steps} steps of {micro}",
-            detail="Call backward on each micro-batch (loss / steps) and step the optimizer every "
-            f"{steps} micro-batches.",
-            saves_bytes=saves,
+            title=f"Keep the effective batch of {value}: {steps} micro-batches of {micro}",
+            detail=f"Backward on each micro-batch (the loss divided by {steps}), one optimizer step after them. "
+            f"Dry run of the cell rewritten so: peak {format_bytes(peak)}, gradients kept between "
+            "micro-batches included.",
+            saves_bytes=current - peak,
             params={"variable": name, "value": micro, "accumulation_steps": steps},
-            code=(
-                f"{name} = {micro}\naccumulation_steps = {steps}\n"
-                "# in the loop: (loss / accumulation_steps).backward()\n"
-                "# and every accumulation_steps batches: opt.step(); opt.zero_grad(set_to_none=True)"
-            ),
+            code=changed,
             source="dry-run",
+            fits=True,
         )
     )
     return fit
@@ -470,7 +609,7 @@ def _what_if_suggestions(
             False,  # most models have no run of like blocks: nothing to say
         ),
     ]
-    if not as_is.gradients_bytes:
+    if not _gradient_bytes(as_is, cell_source):
         variants.append(
             (
                 {"no_grad": True},
@@ -502,8 +641,19 @@ def _what_if_suggestions(
     return found
 
 
-def _weights_suggestions(as_is: DryRun, capacity: int | None, margin: float) -> list[Suggestion]:
-    fixed = as_is.parameters_bytes + as_is.gradients_bytes + as_is.optimizer_bytes
+def _gradient_bytes(as_is: DryRun, cell_source: str | None) -> int:
+    """The gradients a training cell holds at its peak: a cell ending with
+    ``zero_grad(set_to_none=True)`` has none left when the dry run ends."""
+    if as_is.gradients_bytes:
+        return as_is.gradients_bytes
+    return as_is.parameters_bytes if ".backward(" in (cell_source or "") else 0
+
+
+def _weights_suggestions(
+    as_is: DryRun, capacity: int | None, margin: float, cell_source: str | None = None
+) -> list[Suggestion]:
+    grads = _gradient_bytes(as_is, cell_source)
+    fixed = as_is.parameters_bytes + grads + as_is.optimizer_bytes
     if not capacity or fixed <= capacity * (1 - margin) * 0.8:
         return []
     found = []
@@ -525,7 +675,7 @@ def _weights_suggestions(as_is: DryRun, capacity: int | None, margin: float) -> 
             kind="quantization",
             title="Fine-tune a quantized model with adapters (QLoRA)",
             detail="4-bit weights take an eighth of fp32; only small adapters get gradients and state.",
-            saves_bytes=int(as_is.parameters_bytes * 0.875 + as_is.gradients_bytes + as_is.optimizer_bytes) // 1,
+            saves_bytes=int(as_is.parameters_bytes * 0.875 + grads + as_is.optimizer_bytes),
             params={"bits": 4},
             code="# transformers + peft: BitsAndBytesConfig(load_in_4bit=True), then get_peft_model(...)",
             source="rule",

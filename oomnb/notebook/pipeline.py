@@ -352,12 +352,13 @@ class Isolation:
         self.deadline = time.perf_counter() + self.budget_s
         self.spent_note: str | None = None
 
-    def code_for(self, overrides: dict[str, Any]) -> Any:
-        """The cell's code with ``overrides`` applied where the cell assigns them a constant."""
-        if not overrides or self.source is None:
+    def code_for(self, overrides: dict[str, Any], source: str | None = None) -> Any:
+        """The cell's code (or ``source``, a changed cell) with ``overrides`` applied where
+        it assigns them a constant."""
+        if source is None and (not overrides or self.source is None):
             return self.code
-        tree, edited = override_assignments(self.source, overrides)
-        if not edited:
+        tree, edited = override_assignments(source if source is not None else str(self.source), overrides)
+        if not edited and source is None:
             return self.code
         ast.increment_lineno(tree, 1)  # the %%gpumem line
         return compile(tree, self.code.co_filename, "exec")
@@ -365,13 +366,18 @@ class Isolation:
     def left(self) -> float:
         return self.deadline - time.perf_counter()
 
-    def run_cell(self, overrides: dict[str, Any], **options: Any) -> Any:
-        """A dry run of the cell in a child; raises ``DryRunError`` with one line."""
+    def run_cell(self, overrides: dict[str, Any], source: str | None = None, **options: Any) -> Any:
+        """A dry run of the cell (or of ``source``, the cell changed) in a child;
+        raises ``DryRunError`` with one line."""
         from ..analysis.estimator import DryRunError, dry_run_cell
 
         if not CAN_ISOLATE:
             raise DryRunError("this platform cannot fork, and oomnb never dry-runs a cell in the kernel itself")
-        code, user_ns = self.code_for(overrides), self.user_ns
+        try:
+            code = self.code_for(overrides, source)
+        except SyntaxError as exc:
+            raise DryRunError(f"the changed cell does not compile: {exc}") from None
+        user_ns = self.user_ns
 
         def child() -> Any:
             return dry_run_cell(code, user_ns, overrides=overrides, **options)
@@ -513,8 +519,8 @@ def _edit_in_cell(suggestion: Any, source: str | None, raw_cell: str | None) -> 
     """
     name = suggestion.params.get("variable")
     value = suggestion.params.get("value")
-    if not isinstance(name, str) or value is None:
-        return
+    if not isinstance(name, str) or value is None or suggestion.kind == "gradient_accumulation":
+        return  # accumulation's snippet is the whole cell rewritten already
     found = assigned_line(source, name)
     if found is None:
         return
@@ -528,13 +534,10 @@ def _edit_in_cell(suggestion: Any, source: str | None, raw_cell: str | None) -> 
     lines[number - 1] = new
     suggestion.params["cell_line"] = number
     suggestion.detail += f" The cell sets it on its line {number}: `{old.strip()}` becomes `{new.strip()}`."
-    # The rest of a multi-line snippet (accumulation's loop) follows the edited cell.
-    rest = [line for line in suggestion.code.splitlines() if not line.startswith(f"{name} =")]
-    extra = ("\n" + "\n".join(rest)) if rest else ""
     if len(lines) <= 30:
-        suggestion.code = "\n".join(lines) + extra
+        suggestion.code = "\n".join(lines)
     else:
-        suggestion.code = f"# line {number} of the cell, instead of: {old.strip()}\n{new}" + extra
+        suggestion.code = f"# line {number} of the cell, instead of: {old.strip()}\n{new}"
 
 
 def dry_run_report(run: CellRun, isolation: Isolation) -> Report:
