@@ -325,3 +325,29 @@ def test_hugging_face_checkpointing_with_an_attention_mask(shell: Any) -> None:
     assert "model.config.use_cache = False" in top.code
     shell.run(top.code)
     assert fits(shell, cell, limit)
+
+
+def test_loss_summed_over_micro_batches_gets_backward_in_the_loop(shell: Any) -> None:
+    """A summed loss keeps every micro-batch's graph: the advice moves backward() into the loop."""
+    shell.run(
+        "import torch.nn.functional as F\nfrom torch import nn\ntorch.manual_seed(0)\n"
+        "model = nn.Sequential(nn.Linear(256, 2048), nn.ReLU(), nn.Linear(2048, 10))\n"
+        "opt = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+        "batches = [(torch.randn(512, 256), torch.randint(0, 10, (512,))) for _ in range(8)]"
+    )
+    cell = (
+        "total = 0\nfor x, y in batches:\n    total = total + F.cross_entropy(model(x), y)\n"
+        "total.backward()\nopt.step(); opt.zero_grad(set_to_none=True)"
+    )
+    limit = shell.allocated() + 24 * MiB
+    report = oom_report(shell, cell, limit, batch_var=None)
+    top = report.suggestions[0]
+    assert top.kind == "gradient_accumulation" and top.fits is True
+    assert top.params == {"variable": "total", "action": "backward_per_micro_batch"}
+    assert top.code.splitlines()[2:5] == [
+        "    micro_loss = F.cross_entropy(model(x), y)",
+        "    micro_loss.backward()",
+        "    total += micro_loss.detach()",
+    ]
+    assert "total.backward()" not in top.code
+    assert fits(shell, top.code, limit)

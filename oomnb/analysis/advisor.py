@@ -121,6 +121,7 @@ def advise(
     if run_cell is not None and as_is is not None:
         device_type = "cuda" if report.device.kind == "cuda" else "cpu"
         suggestions += _what_if_suggestions(run_cell, as_is, bf16, notes, cell_source, device_type)
+        suggestions += _summed_loss_suggestion(run_cell, as_is, cell_source, notes)
         suggestions += _weights_suggestions(as_is, capacity, margin, cell_source)
     if report.oom is not None and report.device.kind == "cuda":
         unallocated = report.oom.reserved_unallocated_bytes or 0
@@ -386,6 +387,99 @@ def accumulation_cell(cell_source: str, name: str, micro: int, steps: int, sets_
     module = ast.Module(body=[*head, loop, *update], type_ignores=[])
     ast.fix_missing_locations(module)
     return ast.unparse(module)
+
+
+def backward_per_micro_batch(cell_source: str) -> tuple[str, str] | None:
+    """A loss summed over a loop, then one ``backward()``: every micro-batch's graph stays
+    alive until then.  Returns (the variable, the cell with ``backward()`` on each term
+    inside the loop), or None where the cell is not shaped that way."""
+    import ast
+
+    try:
+        tree = ast.parse(cell_source)
+    except SyntaxError:
+        return None
+    total = None
+    for node in tree.body:
+        if (
+            isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Call)
+            and isinstance(node.value.func, ast.Attribute)
+            and node.value.func.attr == "backward"
+            and isinstance(node.value.func.value, ast.Name)
+            and not node.value.args
+        ):
+            total = node.value.func.value.id
+            backward_node = node
+    if total is None:
+        return None
+    changed = False
+    for loop in tree.body:
+        if not isinstance(loop, (ast.For, ast.While)):
+            continue
+        body: list[ast.stmt] = []
+        for stmt in loop.body:
+            term = None
+            if isinstance(stmt, ast.AugAssign) and isinstance(stmt.op, ast.Add):
+                if isinstance(stmt.target, ast.Name) and stmt.target.id == total:
+                    term = stmt.value
+            elif (
+                isinstance(stmt, ast.Assign)
+                and len(stmt.targets) == 1
+                and isinstance(stmt.targets[0], ast.Name)
+                and stmt.targets[0].id == total
+                and isinstance(stmt.value, ast.BinOp)
+                and isinstance(stmt.value.op, ast.Add)
+                and isinstance(stmt.value.left, ast.Name)
+                and stmt.value.left.id == total
+            ):
+                term = stmt.value.right
+            if term is None:
+                body.append(stmt)
+                continue
+            body.extend(
+                ast.parse(
+                    f"micro_loss = {ast.unparse(term)}\nmicro_loss.backward()\n{total} += micro_loss.detach()"
+                ).body
+            )
+            changed = True
+        loop.body = body
+    if not changed:
+        return None
+    tree.body = [node for node in tree.body if node is not backward_node]
+    ast.fix_missing_locations(tree)
+    return total, ast.unparse(tree)
+
+
+def _summed_loss_suggestion(
+    run_cell: CellRunner, as_is: DryRun, cell_source: str | None, notes: list[str]
+) -> list[Suggestion]:
+    found = backward_per_micro_batch(cell_source or "")
+    if found is None:
+        return []
+    total, changed = found
+    try:
+        run = run_cell({}, source=changed)
+    except DryRunError as exc:
+        notes.append(f"backward per micro-batch dry run: {exc}")
+        return []
+    saves = as_is.peak_bytes - run.peak_bytes
+    if saves <= 0:
+        return []
+    return [
+        Suggestion(
+            kind="gradient_accumulation",
+            title=f"`{total}` keeps every micro-batch's graph until backward(): call backward() in the loop",
+            detail=f"Summing the losses first keeps each term's activations alive until `{total}.backward()`. "
+            "Calling backward on each term gives the same gradients and frees each graph at once "
+            f"(dry run of the cell changed so: {format_bytes(run.peak_bytes - run.start_bytes)} at the peak "
+            f"instead of {format_bytes(as_is.peak_bytes - as_is.start_bytes)}).",
+            saves_bytes=saves,
+            params={"variable": total, "action": "backward_per_micro_batch"},
+            code=changed,
+            source="dry-run",
+        )
+    ]
 
 
 def _batch_suggestions(
