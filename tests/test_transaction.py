@@ -10,6 +10,7 @@ import gc
 import io
 import os
 import resource
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -205,15 +206,42 @@ def test_a_new_tensor_reusing_a_freed_id_is_still_rolled_back(shell: Any) -> Non
     """Rollback compared id()s: a new tensor that took a freed object's id stayed."""
     shell.run("x = torch.ones(1024)")
     baseline = shell.allocated()
-    # the old x dies, its id is free; the new x may well take it
+    # the old x dies, its id is free; the new x (an output holding its graph)
+    # may well take it
     shell.run(
-        f"%%gpumem --limit {baseline + 8 * MiB}\nx = None\nx = torch.ones(256 * 1024)\n"
+        f"%%gpumem --limit {baseline + 8 * MiB}\nx = None\nx = torch.ones(1024, requires_grad=True) * 2\n"
         "boom = torch.empty(16 * 1024 * 1024)"
     )
     report = oomnb.last_report()
     assert report is not None and "x" in report.released_names
     assert "x" not in shell.ns
     assert shell.allocated() == baseline - 4096
+
+
+COPIES = {
+    "index": ("X = torch.randn(2000, 256)", "perm = torch.randperm(X.shape[0])\nX = X[perm]"),
+    "clone": ("X = torch.randn(2000, 256)", "X = X.clone()"),
+    "float": ("X = torch.randn(2000, 256).half()", "X = X.float()"),
+    "scale": ("X = torch.randn(2000, 256)", "X = X * 2"),
+    "cat": ("X = torch.randn(1000, 256)", "X = torch.cat([X, torch.randn(100, 256)])"),
+    "deepcopy": ("import copy\nX = torch.nn.Linear(256, 256)", "X = copy.deepcopy(X)"),
+    "dict": ("X = {'w': torch.randn(1000, 256)}", "X = {k: v.clone() for k, v in X.items()}"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COPIES))
+def test_a_copy_that_replaced_the_users_data_is_kept(shell: Any, case: str) -> None:
+    """The cell replaced `X` with a copy and the original is gone: deleting the copy would lose the data."""
+    setup, change = COPIES[case]
+    shell.run(setup)
+    baseline = shell.allocated()
+    result = shell.run(f"%%gpumem --limit {baseline + 4 * MiB}\n{change}\nboom = torch.empty(16 * 1024 * 1024)")
+    assert result.success
+    report = oomnb.last_report()
+    assert report is not None and report.oom is not None
+    assert "X" in shell.ns and "X" not in report.released_names
+    assert any("kept `X`" in note and "only copy" in note for note in report.notes)
+    assert "boom" not in shell.ns
 
 
 GRAD_MODEL = (
@@ -350,7 +378,11 @@ def test_fifty_oom_cycles_keep_memory_and_rss_flat(shell: Any) -> None:
 
 def test_fifty_oom_cycles_in_auto_mode(shell: Any) -> None:
     shell.run("keep = torch.ones(1024)")
-    gc.collect()  # what earlier tests left in cycles must not be freed mid-test
+    # What earlier tests left (in cycles, or in the last error's traceback,
+    # which recovery clears) must not be freed mid-test.
+    for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+        sys.__dict__.pop(name, None)
+    gc.collect()
     start = shell.allocated()
     shell.run(f'%config GpuMem.limit = "{start + 16 * MiB}"')
     shell.run("%gpumem auto on")
@@ -378,6 +410,14 @@ def test_isolated_child_cannot_write_files_or_change_the_parent(tmp_path: Path) 
         torch.save({"w": torch.ones(4)}, str(target))  # into memory too
         fd = os.open(str(tmp_path / "new.bin"), os.O_WRONLY | os.O_CREAT)
         os.write(fd, b"x")
+        os.mkfifo(str(tmp_path / "fifo"))
+        model = torch.jit.script(torch.nn.Linear(2, 2))
+        torch.jit.save(model, str(tmp_path / "scripted.pt"))
+        writer = torch._C.PyTorchFileWriter(str(tmp_path / "raw.pt"))
+        writer.write_record("data", b"abc", 3)
+        writer.write_end_of_file()
+        shared = torch.from_file(str(target), True, 4, dtype=torch.uint8)
+        shared.fill_(65)
         try:
             __import__("subprocess").run(["touch", str(tmp_path / "made")])
         except PermissionError as exc:
@@ -402,3 +442,30 @@ def test_isolated_child_writes_through_inherited_files_go_nowhere(tmp_path: Path
         result = run_isolated(write, budget_s=10)
     assert result.value == "done"
     assert path.read_text() == ""
+
+
+def test_stopping_the_advice_keeps_the_report_and_the_recovery(shell: Any, monkeypatch: Any) -> None:
+    """Pressing stop while the advice runs printed a KeyboardInterrupt from oomnb and lost the report."""
+    from oomnb.notebook import magics
+
+    def interrupted(*_args: Any, **_kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(magics, "advise_cell", interrupted)
+    baseline = shell.allocated()
+    result = shell.run(f"%%gpumem --limit {baseline + 8 * MiB}\nx = torch.empty(16 * 1024 * 1024)")
+    assert result.success
+    report = oomnb.last_report()
+    assert report is not None and report.oom is not None
+    assert "advice interrupted: the suggestions are what was found before" in report.notes
+    assert shell.allocated() == baseline
+
+
+def test_a_dry_run_that_cannot_run_is_a_report_not_an_error(shell: Any) -> None:
+    shell.run("model = torch.nn.Linear(4, 4)")
+    result = shell.run("%%gpumem --dry-run\nout = model(torch.randn(8, 4))\nout[out > 0].sum()")
+    assert result.success
+    report = oomnb.last_report()
+    assert report is not None and report.dry_run
+    assert len(report.notes) == 1 and report.notes[0].startswith("the dry run could not run the cell (")
+    assert "out" not in shell.ns

@@ -117,6 +117,8 @@ class Rollback:
     released: list[str] = field(default_factory=list)
     restored: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
+    #: Rebound names whose earlier value is gone: their new value is kept.
+    replaced: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -205,6 +207,9 @@ class Ledger:
         self.old = _Old()
         self.params: dict[int, _Param] = {}
         self.optimizers: list[_Optimizer] = []
+        #: Modules bound to names the cell can reach, to report tensors the
+        #: failed cell stored on their attributes.
+        self.models: list[tuple[str, weakref.ref[Any]]] = []
         modules: list[torch.nn.Module] = []
         optimizers: list[torch.optim.Optimizer] = []
         for name, value in list(user_ns.items()):
@@ -221,6 +226,8 @@ class Ledger:
                 self.old.add(item)
                 if isinstance(item, torch.nn.Module):
                     modules.append(item)
+                    if item is value:
+                        self.models.append((name, weakref.ref(item)))
                 elif isinstance(item, torch.optim.Optimizer):
                     optimizers.append(item)
         seen: set[int] = set()
@@ -232,6 +239,12 @@ class Ledger:
                 self._record_param(param)
             for buffer in module.buffers():
                 self.old.add_lazy(buffer)
+            for sub in module.modules():
+                # Plain tensor attributes (a cached mask, what forward kept):
+                # to tell them from what a failed cell stores there.
+                for attr, value in vars(sub).items():
+                    if isinstance(value, torch.Tensor) and not attr.startswith("_"):
+                        self.old.add(value)
         for opt in optimizers:
             if id(opt) in seen:
                 continue
@@ -311,6 +324,7 @@ class Ledger:
         self._undo_optimizer_state(outcome)
         self._undo_names(user_ns, list(extra_roots), outcome)
         self._report_containers(user_ns, outcome)
+        self._report_module_attributes(outcome)
         return outcome
 
     def _undo_names(self, user_ns: dict[str, Any], extra_roots: list[Any], outcome: Rollback) -> None:
@@ -348,13 +362,30 @@ class Ledger:
                 outcome.kept.append(name)
                 reachable |= reached
                 continue
-            del user_ns[name]
-            outcome.released.append(name)
             binding = self.bindings.get(name)
             earlier = binding.ref() if binding is not None and binding.ref is not None else None
+            if binding is not None and earlier is None and not _holds_graph(value):
+                # The cell replaced the name's value and the earlier one is gone
+                # (X = X[perm], x = x.float(), model = copy.deepcopy(model)):
+                # this is the only copy of the user's data now.  Only values
+                # that hold an autograd graph (a loss, an output) are released.
+                outcome.replaced.append(name)
+                continue
+            del user_ns[name]
+            outcome.released.append(name)
             if earlier is not None:
                 user_ns[name] = earlier
                 outcome.restored.append(name)
+        if outcome.replaced:
+            outcome.notes.append(
+                "kept "
+                + ", ".join(f"`{n}`" for n in outcome.replaced)
+                + ": the failed cell replaced what "
+                + ("it" if len(outcome.replaced) == 1 else "they")
+                + " held before, which no longer exists, so "
+                + ("this is" if len(outcome.replaced) == 1 else "these are")
+                + " the only copy of that data"
+            )
         if outcome.kept:
             outcome.notes.append(
                 "kept "
@@ -446,6 +477,26 @@ class Ledger:
                 " in place (kept)"
             )
 
+    def _report_module_attributes(self, outcome: Rollback) -> None:
+        for name, ref in self.models:
+            module = ref()
+            if module is None:
+                continue
+            count = nbytes = 0
+            for sub in module.modules():
+                for attr, value in vars(sub).items():
+                    if attr.startswith("_") or not isinstance(value, torch.Tensor):
+                        continue
+                    if self.old.object_key(value) is None and self.old.storage_key(value) is None:
+                        count += 1
+                        storage = _storage(value)
+                        nbytes += storage.nbytes() if storage is not None else 0
+            if count:
+                outcome.notes.append(
+                    f"`{name}` keeps {count} tensor{'s' if count != 1 else ''} the failed cell stored on its "
+                    f"attributes ({nbytes / 2**20:.2f} MiB, kept): set them to None to free them"
+                )
+
     def _report_containers(self, user_ns: dict[str, Any], outcome: Rollback) -> None:
         for name, binding in self.bindings.items():
             if binding.length is None or name not in user_ns:
@@ -459,6 +510,24 @@ class Ledger:
                     f"`{name}` existed before the cell and the failed cell added {grown} item"
                     f"{'s' if grown != 1 else ''} to it (kept)"
                 )
+
+
+def _holds_graph(value: Any, depth: int = 2) -> bool:
+    """Whether ``value`` is, or holds within ``depth`` levels, a tensor with an autograd graph."""
+    if isinstance(value, torch.Tensor):
+        return value.grad_fn is not None
+    if depth <= 0 or isinstance(value, (*_ATOMS, *_OPAQUE, torch.nn.Module)):
+        return False
+    items: Iterable[Any]
+    if isinstance(value, dict):
+        items = list(value.values())[:_ITEMS_PER_NAME]
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = list(value)[:_ITEMS_PER_NAME]
+    elif isinstance(getattr(value, "__dict__", None), dict):
+        items = list(vars(value).values())[:_ITEMS_PER_NAME]
+    else:
+        return False
+    return any(_holds_graph(item, depth - 1) for item in items)
 
 
 def _steps_complete(opt: torch.optim.Optimizer) -> bool:
