@@ -69,6 +69,8 @@ _REFUSED_EVENTS = frozenset(
         "os.link",
         "os.symlink",
         "os.mkdir",
+        "os.mkfifo",
+        "os.mknod",
         "os.utime",
         "os.chflags",
         "os.lchflags",
@@ -188,7 +190,19 @@ def _redirect_writes() -> None:
     builtins.open = open_for_child
     io.open = open_for_child
     os.open = os_open_for_child
-    for name in ("mkdir", "makedirs", "remove", "unlink", "rename", "replace", "rmdir", "removedirs", "truncate"):
+    for name in (
+        "mkdir",
+        "makedirs",
+        "remove",
+        "unlink",
+        "rename",
+        "replace",
+        "rmdir",
+        "removedirs",
+        "truncate",
+        "mkfifo",  # no audit event for these two
+        "mknod",
+    ):
         setattr(os, name, nothing)
     serialization = sys.modules.get("torch.serialization")
     torch_module = sys.modules.get("torch")
@@ -204,10 +218,41 @@ def _redirect_writes() -> None:
             return buffer_writer(io.BytesIO(), *args, **kwargs)
 
         setattr(serialization, "_open_zipfile_writer", zip_writer)  # noqa: B010
+    if torch_module is not None:
+        _redirect_torch_writers(torch_module, nothing)
     for module_name in ("safetensors.torch", "safetensors.numpy"):
         module = sys.modules.get(module_name)
         if module is not None and hasattr(module, "serialize_file"):
             setattr(module, "serialize_file", nothing)  # noqa: B010 - written from Rust otherwise
+
+
+def _redirect_torch_writers(torch_module: Any, nothing: Callable[..., None]) -> None:
+    """torch's writers that reach the disk from C++, where no audit hook sees them."""
+    real_writer = torch_module._C.PyTorchFileWriter
+
+    def file_writer(target: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(target, (str, bytes, os.PathLike)):
+            target = io.BytesIO()
+        return real_writer(target, *args, **kwargs)
+
+    setattr(torch_module._C, "PyTorchFileWriter", file_writer)  # noqa: B010
+    jit = sys.modules.get("torch.jit")
+    if jit is not None:
+        setattr(jit, "save", nothing)  # noqa: B010 - ScriptModule.save writes from C++
+        serialization = sys.modules.get("torch.jit._serialization")
+        if serialization is not None:
+            setattr(serialization, "save", nothing)  # noqa: B010
+    real_from_file = torch_module.from_file
+
+    def from_file(*args: Any, **kwargs: Any) -> Any:
+        # A shared map would write through to the file.
+        if len(args) > 1:
+            args = (args[0], False, *args[2:])
+        else:
+            kwargs["shared"] = False
+        return real_from_file(*args, **kwargs)
+
+    setattr(torch_module, "from_file", from_file)  # noqa: B010
 
 
 @dataclass
