@@ -351,3 +351,28 @@ def test_loss_summed_over_micro_batches_gets_backward_in_the_loop(shell: Any) ->
     ]
     assert "total.backward()" not in top.code
     assert fits(shell, top.code, limit)
+
+
+def test_one_vocabulary_of_kinds() -> None:
+    """The ranking, the report and the JSON Schema know the same kinds: a kind added to one
+    and not the others raised during an OOM report."""
+    from oomnb.analysis.advisor import _PREFERENCE
+    from oomnb.model.report import SUGGESTION_KINDS
+
+    schema_kinds = load_schema()["properties"]["suggestions"]["items"]["properties"]["kind"]["enum"]
+    assert sorted(_PREFERENCE) == sorted(SUGGESTION_KINDS) == sorted(schema_kinds)
+    assert len(_PREFERENCE) == len(set(_PREFERENCE))
+
+
+def test_a_batch_the_cell_loops_over_gets_no_line_that_changes_nothing(shell: Any) -> None:
+    """`for bs in [...]` overwrites `bs = 2048` pasted above: say to change the loop instead."""
+    shell.run(SETUP + "bs = 256")
+    cell = (
+        "for bs in [256, 1024, 8192]:\n    x = torch.randn(bs, 256)\n"
+        "    loss = nn.functional.cross_entropy(model(x), torch.randint(0, 10, (bs,)))\n"
+        "    loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)"
+    )
+    report = oom_report(shell, cell, shell.allocated() + 12 * MiB, batch_var="bs")
+    assert not [s for s in report.suggestions if s.params.get("variable") == "bs"]
+    dropped = [n for n in report.notes if n.startswith("the cell sets `bs` in its own loop")]
+    assert all("change the loop's values to" in n for n in dropped)

@@ -447,9 +447,26 @@ class GpuMem(Magics):
         run: CellRun | None = None,
     ) -> None:
         """Add the advisor's suggestions; any failure becomes one line of the report."""
-        from .cleanup import shell_census
 
         user_ns = self._ip.user_ns
+        try:
+            self._advise_guarded(report, body, backend, source, raw, run, user_ns)
+        except KeyboardInterrupt:
+            # Stopping the advice must not cost the report: the recovery is done.
+            report.notes.append("advice interrupted: the suggestions are what was found before")
+
+    def _advise_guarded(
+        self,
+        report: Report,
+        body: Any,
+        backend: Backend,
+        source: str | None,
+        raw: str | None,
+        run: CellRun | None,
+        user_ns: dict[str, Any],
+    ) -> None:
+        from .cleanup import shell_census
+
         with guarded(report.notes, "advise"):
             advise_cell(
                 report,
@@ -471,8 +488,16 @@ class GpuMem(Magics):
         isolation = self._isolation(body, run.backend, self._last_source)
         try:
             report = dry_run_report(run, isolation)
-        except DryRunError as exc:
-            raise UsageError(f"--dry-run: {exc}") from None
+        except (DryRunError, KeyboardInterrupt) as exc:
+            # Not a mistake of the user's: a report that says why, with no figures.
+            run.measure.stop()
+            now = run.backend.snapshot()
+            report = run.measure.report(run.number, now, now.allocated_bytes, source=run.source)
+            report.dry_run = True
+            why = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
+            report.notes.append(f"the dry run could not run the cell ({why}): no figures for it")
+            self._publish(report, args.quiet)
+            return
         self._advise(report, body, run.backend, self._last_source, self._last_raw)
         self._publish(report, args.quiet)
 

@@ -482,7 +482,17 @@ def advise_cell(
     measured_kinds = {s.kind for s in advice.suggestions}
     rules_left = [s for s in report.suggestions if s.kind not in measured_kinds]
     report.suggestions = advice.suggestions + rules_left
-    for suggestion in report.suggestions:
+    looped = _loop_variables(isolation.source)
+    for suggestion in list(report.suggestions):
+        variable = suggestion.params.get("variable")
+        if variable in looped and suggestion.kind in ("batch_size", "input_size"):
+            # `bs = 2048` pasted above a cell that loops `for bs in [...]` changes nothing.
+            report.suggestions.remove(suggestion)
+            report.notes.append(
+                f"the cell sets `{variable}` in its own loop: change the loop's values to "
+                f"{suggestion.params.get('value')} or less"
+            )
+            continue
         _edit_in_cell(suggestion, isolation.source, raw_cell)
     if freed_traceback is not None and advice.deficit_bytes is not None and advice.deficit_bytes <= 0:
         # Recovery itself removed the cause: say so first, with the figure.
@@ -508,6 +518,21 @@ def advise_cell(
         report.notes.append(isolation.spent_note)
     if report.oom is not None and extra:
         report.oom.diagnosis = (report.oom.diagnosis + " Advisor: " + "; ".join(extra) + ".").strip()
+
+
+def _loop_variables(source: str | None) -> set[str]:
+    """Names a cell binds as ``for`` targets (``for bs in [128, 512, 2048]:``)."""
+    try:
+        tree = ast.parse(source or "")
+    except SyntaxError:
+        return set()
+    return {
+        name.id
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.For, ast.comprehension))
+        for name in ast.walk(node.target)
+        if isinstance(name, ast.Name)
+    }
 
 
 def _edit_in_cell(suggestion: Any, source: str | None, raw_cell: str | None) -> None:
