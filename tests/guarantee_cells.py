@@ -245,7 +245,8 @@ SCENARIOS: list[Scenario] = [
         oom=Effects(prints=2),
         ok=Effects(prints=3),
         says="bs=",
-        note="finding the batch size by hand: two sizes fit, the third does not",
+        steps_completed=True,
+        note="finding the batch size by hand: two sizes fit (their steps complete), the third does not",
     ),
     # -- counters, lists, prints, files --------------------------------------------------
     Scenario(
@@ -314,6 +315,7 @@ SCENARIOS: list[Scenario] = [
         oom_at="loss = F.mse_loss(model(x), y)",
         oom=Effects(lines={"train.log": 2}),
         ok=Effects(lines={"train.log": 3}),
+        steps_completed=True,
     ),
     Scenario(
         name="checkpoint_then_oom",
