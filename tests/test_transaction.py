@@ -469,3 +469,13 @@ def test_a_dry_run_that_cannot_run_is_a_report_not_an_error(shell: Any) -> None:
     assert report is not None and report.dry_run
     assert len(report.notes) == 1 and report.notes[0].startswith("the dry run could not run the cell (")
     assert "out" not in shell.ns
+
+
+@pytest.mark.parametrize("value", [float("nan"), -1.0, 0.0, 1e400])
+def test_advice_budget_out_of_range_is_refused(shell: Any, value: float) -> None:
+    from traitlets import TraitError
+
+    magics = shell.ip.find_magic("gpumem").__self__
+    with pytest.raises(TraitError, match="advice_budget must be a number of seconds above 0 and at most 3600"):
+        magics.advice_budget = value
+    assert magics.advice_budget == 10.0

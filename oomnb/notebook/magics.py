@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import math
 import sys
 from typing import Any
 
@@ -119,6 +120,13 @@ class GpuMem(Magics):
                 parse_limit(value)
             except ValueError as exc:
                 raise TraitError(str(exc)) from None
+        return value
+
+    @validate("advice_budget")
+    def _check_budget(self, proposal: Any) -> float:
+        value = float(proposal["value"])
+        if not math.isfinite(value) or not 0 < value <= 3600:
+            raise TraitError(f"advice_budget must be a number of seconds above 0 and at most 3600, not {value!r}")
         return value
 
     @validate("device")
