@@ -378,20 +378,23 @@ def test_fifty_oom_cycles_keep_memory_and_rss_flat(shell: Any) -> None:
 
 def test_fifty_oom_cycles_in_auto_mode(shell: Any) -> None:
     shell.run("keep = torch.ones(1024)")
-    # What earlier tests left (in cycles, or in the last error's traceback,
-    # which recovery clears) must not be freed mid-test.
     for name in ("last_type", "last_value", "last_traceback", "last_exc"):
         sys.__dict__.pop(name, None)
     gc.collect()
-    start = shell.allocated()
-    shell.run(f'%config GpuMem.limit = "{start + 16 * MiB}"')
+    shell.run(f'%config GpuMem.limit = "{shell.allocated() + 16 * MiB}"')
     shell.run("%gpumem auto on")
+    cell = "x = torch.ones(1024 * 1024)\ny = torch.ones(8 * 1024 * 1024)"
     try:
+        # The first recovery's full collection may free what earlier tests in
+        # this process left behind: count from after it.
+        shell.run(cell)
+        start = shell.allocated()
         for _ in range(50):
-            shell.run("x = torch.ones(1024 * 1024)\ny = torch.ones(8 * 1024 * 1024)")
+            shell.run(cell)
             report = oomnb.last_report()
             assert report is not None and report.oom is not None
             assert sorted(report.released_names) == ["x"]
+            assert report.end_bytes == report.baseline_bytes
             assert shell.allocated() == start
     finally:
         shell.run("%gpumem auto off")
