@@ -49,10 +49,13 @@ HOLDER_KINDS = (
 )
 _RANK = {kind: rank for rank, kind in enumerate(HOLDER_KINDS)}
 
-_ATOMS = (str, bytes, bytearray, int, float, complex, bool, type(None), range, slice)
+#: Values that hold no tensor: never walked.
+ATOMS = (str, bytes, bytearray, int, float, complex, bool, type(None), range, slice)
+_ATOMS = ATOMS
 # Exact types, for a set lookup in the hot loops (subclasses take the slow path).
 _ATOM_TYPES = frozenset(_ATOMS)
-_SKIP_TYPES = (
+#: Objects that hold no data of the user's: never walked (a module would walk a library).
+OPAQUE_TYPES = (
     types.ModuleType,
     types.FunctionType,
     types.BuiltinFunctionType,
@@ -222,7 +225,7 @@ class _Walker:
         if kind is torch.Tensor or isinstance(obj, torch.Tensor):
             self.tensor(obj, path, holder, root)
             return
-        if isinstance(obj, (_ATOMS, _SKIP_TYPES)) or depth > _MAX_DEPTH:
+        if isinstance(obj, (_ATOMS, OPAQUE_TYPES)) or depth > _MAX_DEPTH:
             return
         oid = id(obj)
         if oid in self.visited:
@@ -502,7 +505,7 @@ def holds_tensors(value: Any, depth: int = 2) -> bool:
     (containers and the attributes of ordinary objects, a trainer holding a model)."""
     if isinstance(value, (torch.Tensor, torch.nn.Module, torch.optim.Optimizer)):
         return True
-    if depth <= 0 or isinstance(value, (_ATOMS, _SKIP_TYPES)):
+    if depth <= 0 or isinstance(value, (_ATOMS, OPAQUE_TYPES)):
         return False
     items: Any
     if isinstance(value, dict):

@@ -28,7 +28,6 @@ No IPython here: a namespace is a dict.
 from __future__ import annotations
 
 import re
-import types
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -36,27 +35,15 @@ from typing import Any
 
 import torch
 
-from ..analysis.census import holds_tensors
+from ..analysis.census import ATOMS, OPAQUE_TYPES, holds_tensors
 
 __all__ = ["IPYTHON_NAMES", "Ledger", "Rollback"]
 
 #: Names IPython binds by itself: never recorded, never rolled back.
 IPYTHON_NAMES = re.compile(r"^(_+|_i+|_i\d+|_\d+|_ih|_oh|_dh|In|Out|exit|quit|get_ipython)$")
 
-_ATOMS = (str, bytes, bytearray, int, float, complex, bool, type(None), range, slice)
-# Never walked into: they hold no data of the user's, and walking a module
-# would walk a library.
-_OPAQUE = (
-    types.ModuleType,
-    types.FunctionType,
-    types.BuiltinFunctionType,
-    types.MethodType,
-    type,
-    types.CodeType,
-    types.FrameType,
-    types.TracebackType,
-    types.GeneratorType,
-)
+_ATOMS = ATOMS
+_OPAQUE = OPAQUE_TYPES
 # Per name, at most this many container items are recorded before a cell:
 # the ledger's cost stays bounded however big a list the notebook keeps.
 _ITEMS_PER_NAME = 256
