@@ -482,3 +482,20 @@ def test_advice_budget_out_of_range_is_refused(shell: Any, value: float) -> None
     with pytest.raises(TraitError, match="advice_budget must be a number of seconds above 0 and at most 3600"):
         magics.advice_budget = value
     assert magics.advice_budget == 10.0
+
+
+def test_loop_variables_are_temporaries_not_the_users_only_copy(shell: Any) -> None:
+    """`for x, y in loader` rebinds x and y every pass: after an OOM they go, and memory is back at the baseline."""
+    shell.run(
+        "def loader(n):\n    for _ in range(2):\n        yield torch.randn(n, 256), torch.randn(n, 256)\n"
+        "for x, y in loader(16):\n    pass"
+    )
+    baseline = shell.allocated()
+    shell.run(
+        f"%%gpumem --limit {baseline + 8 * MiB}\nfor x, y in loader(2048):\n    boom = torch.empty(16 * 1024 * 1024)"
+    )
+    report = oomnb.last_report()
+    assert report is not None and report.oom is not None
+    assert {"x", "y"} <= set(report.released_names)
+    assert not any("kept `x`" in note for note in report.notes)
+    assert shell.allocated() <= baseline

@@ -390,6 +390,7 @@ class GpuMem(Magics):
             batch_var=args.batch_var,
             rollback=self.rollback and not args.no_rollback and not args.dry_run,
             code=whole,
+            cell_source=transformed,
         )
         if args.dry_run:
             return self._dry_run(run, whole, args)
@@ -568,6 +569,7 @@ class GpuMem(Magics):
             source=first_line(raw),
             rollback=self.rollback,
             code=code,
+            cell_source=self._auto_source,
         )
         self._auto_code = code
 

@@ -204,6 +204,9 @@ class CellRun:
     code
         The cell's compiled code: the ledger then records in full only the
         names the cell can reach (see :func:`reachable_names`).
+    cell_source
+        The cell's source (after IPython's transforms): names it binds in
+        loops are temporaries that rollback releases.
     """
 
     def __init__(
@@ -216,6 +219,7 @@ class CellRun:
         batch_var: str | None = None,
         rollback: bool = True,
         code: Any = None,
+        cell_source: str | None = None,
     ) -> None:
         self.backend = backend
         self.user_ns = user_ns
@@ -223,6 +227,8 @@ class CellRun:
         self.source = source
         self.batch_var_name = batch_var
         self.ledger: Ledger | None = None
+        #: Names the cell rebinds in its loops: temporaries to rollback.
+        self.temporaries = _loop_variables(cell_source)
         #: What the previous error's traceback held, freed by recovery.
         self.freed_traceback: tuple[str, int] | None = None
         if rollback:
@@ -271,7 +277,9 @@ class CellRun:
         with guarded(notes, "roll back what the failed cell created"):
             if self.ledger is not None:
                 recovery.collect()
-                undone = self.ledger.roll_back(self.user_ns, extra_roots=extra_roots or [])
+                undone = self.ledger.roll_back(
+                    self.user_ns, extra_roots=extra_roots or [], temporaries=self.temporaries
+                )
                 report.released_names = sorted(undone.released)
                 notes.extend(undone.notes)
                 if undone.restored:

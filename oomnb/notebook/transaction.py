@@ -303,18 +303,27 @@ class Ledger:
         self.optimizers.append(_Optimizer(weakref.ref(opt), entries))
 
     # -- after a failure ----------------------------------------------------------------
-    def roll_back(self, user_ns: dict[str, Any], *, extra_roots: Iterable[Any] = ()) -> Rollback:
-        """Undo what a failed cell created; keep and report what it changed in place."""
+    def roll_back(
+        self, user_ns: dict[str, Any], *, extra_roots: Iterable[Any] = (), temporaries: Iterable[str] = ()
+    ) -> Rollback:
+        """Undo what a failed cell created; keep and report what it changed in place.
+
+        ``temporaries`` are names the cell rebinds on every pass of a loop
+        (``for x, y in loader``): their values are never the only copy of the
+        user's data, whatever they held before.
+        """
         outcome = Rollback()
         self.old.resolve()
         self._undo_gradients(outcome)
         self._undo_optimizer_state(outcome)
-        self._undo_names(user_ns, list(extra_roots), outcome)
+        self._undo_names(user_ns, list(extra_roots), outcome, set(temporaries))
         self._report_containers(user_ns, outcome)
         self._report_module_attributes(outcome)
         return outcome
 
-    def _undo_names(self, user_ns: dict[str, Any], extra_roots: list[Any], outcome: Rollback) -> None:
+    def _undo_names(
+        self, user_ns: dict[str, Any], extra_roots: list[Any], outcome: Rollback, temporaries: set[str]
+    ) -> None:
         candidates: dict[str, Any] = {}
         for name, value in list(user_ns.items()):
             if IPYTHON_NAMES.match(name) or name.startswith("__"):
@@ -351,7 +360,7 @@ class Ledger:
                 continue
             binding = self.bindings.get(name)
             earlier = binding.ref() if binding is not None and binding.ref is not None else None
-            if binding is not None and earlier is None and not _holds_graph(value):
+            if binding is not None and earlier is None and name not in temporaries and not _holds_graph(value):
                 # The cell replaced the name's value and the earlier one is gone
                 # (X = X[perm], x = x.float(), model = copy.deepcopy(model)):
                 # this is the only copy of the user's data now.  Only values
