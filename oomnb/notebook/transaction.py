@@ -373,22 +373,16 @@ class Ledger:
                 user_ns[name] = earlier
                 outcome.restored.append(name)
         if outcome.replaced:
+            one = len(outcome.replaced) == 1
             outcome.notes.append(
-                "kept "
-                + ", ".join(f"`{n}`" for n in outcome.replaced)
-                + ": the failed cell replaced what "
-                + ("it" if len(outcome.replaced) == 1 else "they")
-                + " held before, which no longer exists, so "
-                + ("this is" if len(outcome.replaced) == 1 else "these are")
-                + " the only copy of that data"
+                f"kept {_listed(outcome.replaced)}: the failed cell replaced what {'it' if one else 'they'} held "
+                f"before, which no longer exists, so {'this is' if one else 'these are'} the only copy of that data"
             )
         if outcome.kept:
+            one = len(outcome.kept) == 1
             outcome.notes.append(
-                "kept "
-                + ", ".join(f"`{n}`" for n in outcome.kept)
-                + ": the failed cell bound "
-                + ("it" if len(outcome.kept) == 1 else "them")
-                + " to objects that hold what you had before the cell (a wrapper, a view)"
+                f"kept {_listed(outcome.kept)}: the failed cell bound {'it' if one else 'them'} to objects that "
+                "hold what you had before the cell (a wrapper, a view)"
             )
 
     def _undo_gradients(self, outcome: Rollback) -> None:
@@ -506,6 +500,10 @@ class Ledger:
                     f"`{name}` existed before the cell and the failed cell added {grown} item"
                     f"{'s' if grown != 1 else ''} to it (kept)"
                 )
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(f"`{name}`" for name in names)
 
 
 def _holds_graph(value: Any, depth: int = 2) -> bool:
