@@ -234,18 +234,20 @@ class Report:
                 lines.extend(f"       {code_line}" for code_line in suggestion.code.splitlines())
         return "\n".join(lines)
 
+    def _oom_figures(self) -> list[tuple[str, str]]:
+        """(label, figure) of the error: requested, free, over by; what is known of them."""
+        oom = self.oom
+        if oom is None:
+            return []
+        pairs = [("requested", oom.requested_bytes), ("free", oom.free_bytes), ("over by", oom.over_bytes)]
+        return [(label, format_bytes(value)) for label, value in pairs if value is not None]
+
     def _oom_text(self) -> list[str]:
         oom = self.oom
         if oom is None:
             return []
         lines = ["  OUT OF MEMORY: " + oom.exception_type]
-        figures = []
-        if oom.requested_bytes is not None:
-            figures.append(f"requested {format_bytes(oom.requested_bytes)}")
-        if oom.free_bytes is not None:
-            figures.append(f"free {format_bytes(oom.free_bytes)}")
-        if oom.over_bytes is not None:
-            figures.append(f"over by {format_bytes(oom.over_bytes)}")
+        figures = [f"{label} {value}" for label, value in self._oom_figures()]
         if figures:
             lines.append("    " + ", ".join(figures))
         if oom.diagnosis:
@@ -316,13 +318,7 @@ class Report:
         ]
         if self.oom is not None:
             oom = self.oom
-            figures = []
-            if oom.requested_bytes is not None:
-                figures.append(f"requested <b>{esc(format_bytes(oom.requested_bytes))}</b>")
-            if oom.free_bytes is not None:
-                figures.append(f"free <b>{esc(format_bytes(oom.free_bytes))}</b>")
-            if oom.over_bytes is not None:
-                figures.append(f"over by <b>{esc(format_bytes(oom.over_bytes))}</b>")
+            figures = [f"{label} <b>{esc(value)}</b>" for label, value in self._oom_figures()]
             recovered = f"recovered {esc(format_bytes(self.recovered_bytes))}"
             if self.released_names:
                 recovered += " (rolled back: " + esc(", ".join(self.released_names)) + ")"
