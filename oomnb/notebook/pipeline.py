@@ -33,6 +33,7 @@ from typing import Any
 
 from ..allocator.oom import is_oom_error
 from ..analysis import rules
+from ..analysis.cellsource import edit_in_cell, loop_variables, override_assignments
 from ..analysis.isolation import CAN_ISOLATE, run_isolated
 from ..backends import Backend, MemorySnapshot
 from ..model.report import DeviceInfo, OomInfo, Report, Suggestion
@@ -228,7 +229,7 @@ class CellRun:
         self.batch_var_name = batch_var
         self.ledger: Ledger | None = None
         #: Names the cell rebinds in its loops: temporaries to rollback.
-        self.temporaries = _loop_variables(cell_source)
+        self.temporaries = loop_variables(cell_source)
         #: What the previous error's traceback held, freed by recovery.
         self.freed_traceback: tuple[str, int] | None = None
         if rollback:
@@ -427,41 +428,6 @@ class Isolation:
         return int(result.value)
 
 
-def override_assignments(source: str, overrides: dict[str, Any]) -> tuple[ast.Module, dict[str, int]]:
-    """Parse ``source`` and replace the constant of every top-level ``name = <constant>``
-    whose name is in ``overrides``.  Returns the tree and {name: 1-based line edited}."""
-    tree = ast.parse(source)
-    edited: dict[str, int] = {}
-    for node in tree.body:
-        targets: list[ast.expr] = []
-        if isinstance(node, ast.Assign):
-            targets = node.targets
-        elif isinstance(node, ast.AnnAssign) and node.value is not None:
-            targets = [node.target]
-        value = getattr(node, "value", None)
-        if not isinstance(value, ast.Constant):
-            continue
-        for target in targets:
-            if isinstance(target, ast.Name) and target.id in overrides:
-                setattr(node, "value", ast.copy_location(ast.Constant(overrides[target.id]), value))  # noqa: B010
-                edited[target.id] = node.lineno
-    return tree, edited
-
-
-def assigned_line(source: str | None, name: str) -> tuple[int, str] | None:
-    """The (1-based line, text) where the cell sets ``name`` to a constant at its top level."""
-    if not source:
-        return None
-    try:
-        _, edited = override_assignments(source, {name: 0})
-    except SyntaxError:
-        return None
-    line = edited.get(name)
-    if line is None:
-        return None
-    return line, source.splitlines()[line - 1]
-
-
 def advise_cell(
     report: Report,
     *,
@@ -490,7 +456,7 @@ def advise_cell(
     measured_kinds = {s.kind for s in advice.suggestions}
     rules_left = [s for s in report.suggestions if s.kind not in measured_kinds]
     report.suggestions = advice.suggestions + rules_left
-    looped = _loop_variables(isolation.source)
+    looped = loop_variables(isolation.source)
     for suggestion in list(report.suggestions):
         variable = suggestion.params.get("variable")
         if variable in looped and suggestion.kind in ("batch_size", "input_size"):
@@ -501,7 +467,7 @@ def advise_cell(
                 f"{suggestion.params.get('value')} or less"
             )
             continue
-        _edit_in_cell(suggestion, isolation.source, raw_cell)
+        edit_in_cell(suggestion, isolation.source, raw_cell)
     if freed_traceback is not None and advice.deficit_bytes is not None and advice.deficit_bytes <= 0:
         # Recovery itself removed the cause: say so first, with the figure.
         what, freed = freed_traceback
@@ -526,51 +492,6 @@ def advise_cell(
         report.notes.append(isolation.spent_note)
     if report.oom is not None and extra:
         report.oom.diagnosis = (report.oom.diagnosis + " Advisor: " + "; ".join(extra) + ".").strip()
-
-
-def _loop_variables(source: str | None) -> set[str]:
-    """Names a cell binds as ``for`` targets (``for bs in [128, 512, 2048]:``)."""
-    try:
-        tree = ast.parse(source or "")
-    except SyntaxError:
-        return set()
-    return {
-        name.id
-        for node in ast.walk(tree)
-        if isinstance(node, (ast.For, ast.comprehension))
-        for name in ast.walk(node.target)
-        if isinstance(name, ast.Name)
-    }
-
-
-def _edit_in_cell(suggestion: Any, source: str | None, raw_cell: str | None) -> None:
-    """A new value for a variable the cell sets itself goes where the cell sets it.
-
-    ``bs = 4096`` pasted into a cell of its own would be overwritten by the
-    cell's own ``bs = 8192``: the snippet is then the cell with that line
-    edited (or, for a long cell, the edited line and where it goes).
-    """
-    name = suggestion.params.get("variable")
-    value = suggestion.params.get("value")
-    if not isinstance(name, str) or value is None or suggestion.kind == "gradient_accumulation":
-        return  # accumulation's snippet is the whole cell rewritten already
-    found = assigned_line(source, name)
-    if found is None:
-        return
-    number, _ = found
-    lines = (raw_cell if raw_cell is not None else source or "").splitlines()
-    if not 0 < number <= len(lines) or name not in lines[number - 1]:
-        return
-    old = lines[number - 1]
-    indent = old[: len(old) - len(old.lstrip())]
-    new = f"{indent}{name} = {value!r}"
-    lines[number - 1] = new
-    suggestion.params["cell_line"] = number
-    suggestion.detail += f" The cell sets it on its line {number}: `{old.strip()}` becomes `{new.strip()}`."
-    if len(lines) <= 30:
-        suggestion.code = "\n".join(lines)
-    else:
-        suggestion.code = f"# line {number} of the cell, instead of: {old.strip()}\n{new}"
 
 
 def dry_run_report(run: CellRun, isolation: Isolation) -> Report:
