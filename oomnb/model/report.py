@@ -46,9 +46,19 @@ SUGGESTION_KINDS = (
     "input_size",
     "sharding",
     "device_map",
+    "combination",
 )
 #: How a suggestion's saving was obtained.
 SUGGESTION_SOURCES = ("dry-run", "measured", "rule")
+#: How a suggestion's code is applied: it is the cell, changed (run it instead
+#: of the cell); it runs once, then the cell runs again unchanged; or it
+#: changes the set-up (environment, install, model loading) and needs a restart.
+SUGGESTION_APPLIES = ("replace_cell", "run_first", "setup")
+_APPLY_WORDS = {
+    "replace_cell": "instead of the cell:",
+    "run_first": "run once, then the cell again:",
+    "setup": "in the set-up (a restart or a new install):",
+}
 
 
 @dataclass
@@ -93,12 +103,21 @@ class Suggestion:
     #: Whether this change alone makes the cell fit (from its own dry run or
     #: measurement); None where that is unknown.
     fits: bool | None = None
+    #: How ``code`` is applied (one of SUGGESTION_APPLIES).
+    apply: str = "run_first"
 
     def __post_init__(self) -> None:
         if self.kind not in SUGGESTION_KINDS:
             raise ValueError(f"unknown suggestion kind {self.kind!r}")
         if self.source not in SUGGESTION_SOURCES:
             raise ValueError(f"unknown suggestion source {self.source!r}")
+        if self.apply not in SUGGESTION_APPLIES:
+            raise ValueError(f"unknown way to apply a suggestion {self.apply!r}")
+
+    @property
+    def how(self) -> str:
+        """Where the code goes, in a few words."""
+        return _APPLY_WORDS[self.apply]
 
 
 @dataclass
@@ -229,8 +248,10 @@ class Report:
         lines.extend(f"  note: {note}" for note in self.notes)
         for number, suggestion in enumerate(self.suggestions, 1):
             saves = f"saves {format_bytes(suggestion.saves_bytes)}" if suggestion.saves_bytes else "saving unknown"
-            lines.append(f"  {number}. {suggestion.title} [{suggestion.kind}; {saves}; {suggestion.source}]")
+            fit = {True: "; fits", False: "; not enough alone", None: ""}[suggestion.fits]
+            lines.append(f"  {number}. {suggestion.title} [{suggestion.kind}; {saves}; {suggestion.source}{fit}]")
             if suggestion.code:
+                lines.append(f"     {suggestion.how}")
                 lines.extend(f"       {code_line}" for code_line in suggestion.code.splitlines())
         return "\n".join(lines)
 
@@ -342,13 +363,15 @@ class Report:
                     f"saves {esc(format_bytes(suggestion.saves_bytes))}" if suggestion.saves_bytes else "saving unknown"
                 )
                 code = (
+                    f"<br><span style='color:#6b7280'>{esc(suggestion.how)}</span>"
                     f"<pre style='margin:2px 0;background:#f3f4f6;padding:2px 4px'>{esc(suggestion.code)}</pre>"
                     if suggestion.code
                     else ""
                 )
+                fit = {True: "; fits", False: "; not enough alone", None: ""}[suggestion.fits]
                 items.append(
                     f"<li><b>{esc(suggestion.title)}</b> <span style='color:#6b7280'>[{esc(suggestion.kind)}; "
-                    f"{saves}; {esc(suggestion.source)}]</span><br>{esc(suggestion.detail)}{code}</li>"
+                    f"{saves}; {esc(suggestion.source)}{fit}]</span><br>{esc(suggestion.detail)}{code}</li>"
                 )
             parts.append(f"<ol style='margin:6px 0 0 0;padding-left:20px'>{''.join(items)}</ol>")
         parts.append("</div>")
