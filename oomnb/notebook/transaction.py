@@ -197,6 +197,9 @@ class Ledger:
         #: Modules bound to names the cell can reach, to report tensors the
         #: failed cell stored on their attributes.
         self.models: list[tuple[str, weakref.ref[Any]]] = []
+        #: Each module's plain tensor attributes before the cell (weak: never
+        #: kept alive by the ledger), to put back what a failed forward replaced.
+        self.attributes: dict[int, tuple[weakref.ref[Any], dict[str, weakref.ref[Any]]]] = {}
         modules: list[torch.nn.Module] = []
         optimizers: list[torch.optim.Optimizer] = []
         for name, value in list(user_ns.items()):
@@ -229,9 +232,12 @@ class Ledger:
             for sub in module.modules():
                 # Plain tensor attributes (a cached mask, what forward kept):
                 # to tell them from what a failed cell stores there.
+                before: dict[str, weakref.ref[Any]] = {}
                 for attr, value in vars(sub).items():
                     if isinstance(value, torch.Tensor) and not attr.startswith("_"):
                         self.old.add(value)
+                        before[attr] = weakref.ref(value)
+                self.attributes.setdefault(id(sub), (weakref.ref(sub), before))
         for opt in optimizers:
             if id(opt) in seen:
                 continue
@@ -468,19 +474,35 @@ class Ledger:
             )
 
     def _report_module_attributes(self, outcome: Rollback) -> None:
+        """Tensors a failed forward stored on module attributes (``self.last = h``).
+
+        An attribute whose value before the cell is still alive gets it back;
+        one the cell added is removed; one whose earlier value is gone keeps
+        the new tensor (the only value left), and the report says so.
+        """
         for name, ref in self.models:
             module = ref()
             if module is None:
                 continue
             count = nbytes = 0
             for sub in module.modules():
-                for attr, value in vars(sub).items():
+                recorded = self.attributes.get(id(sub))
+                before = recorded[1] if recorded is not None and recorded[0]() is sub else None
+                for attr, value in list(vars(sub).items()):
                     if attr.startswith("_") or not isinstance(value, torch.Tensor):
                         continue
-                    if self.old.object_key(value) is None and self.old.storage_key(value) is None:
-                        count += 1
-                        storage = _storage(value)
-                        nbytes += storage.nbytes() if storage is not None else 0
+                    if self.old.object_key(value) is not None or self.old.storage_key(value) is not None:
+                        continue
+                    earlier = before[attr]() if before is not None and attr in before else None
+                    if earlier is not None:
+                        setattr(sub, attr, earlier)
+                        continue
+                    if before is not None and attr not in before:
+                        delattr(sub, attr)
+                        continue
+                    count += 1
+                    storage = _storage(value)
+                    nbytes += storage.nbytes() if storage is not None else 0
             if count:
                 outcome.notes.append(
                     f"`{name}` keeps {count} tensor{'s' if count != 1 else ''} the failed cell stored on its "
