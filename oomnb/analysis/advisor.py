@@ -20,10 +20,11 @@ import torch
 
 from ..model.report import Report, Suggestion
 from ..model.units import format_bytes
-from .cellsource import accumulation_cell, backward_per_micro_batch, variable_role
+from .cellsource import accumulation_cell, backward_per_micro_batch, loop_variables
 from .census import Census, TensorRecord
 from .estimator import BatchFit, DryRun, DryRunError, search_batch
 from .rules import EXPANDABLE_CODE
+from .sizes import Knob, find_knobs
 
 __all__ = ["Advice", "advise"]
 
@@ -46,6 +47,7 @@ _PREFERENCE = [
     "optimizer",
     "batch_size",
     "input_size",
+    "combination",
     "quantization",
     "sharding",
 ]
@@ -73,6 +75,39 @@ def _predicted(run: DryRun, baseline: int) -> int:
     return baseline + max(0, run.peak_bytes - run.start_bytes)
 
 
+@dataclass
+class _Context:
+    """What every source of suggestions reads, and what the earlier ones found."""
+
+    report: Report
+    census: Census | None
+    run_cell: CellRunner | None
+    cell_names: set[str]
+    bf16: bool | None
+    margin: float
+    probe: CellProbe | None
+    split_models: dict[str, Any]
+    cell_source: str | None
+    knobs: list[Knob]
+    capacity: int | None
+    baseline: int
+    budget: int | None
+    as_is: DryRun | None
+    notes: list[str]
+    found: list[Suggestion] = field(default_factory=list)
+    fit: BatchFit | None = None
+    #: The knobs a dry run showed the cell's memory grows with, with their search.
+    sized: list[tuple[Knob, BatchFit]] = field(default_factory=list)
+
+    @property
+    def device_type(self) -> str:
+        return "cuda" if self.report.device.kind == "cuda" else "cpu"
+
+    @property
+    def autocast_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 is not False else torch.float16
+
+
 def advise(
     report: Report,
     *,
@@ -84,11 +119,18 @@ def advise(
     probe: CellProbe | None = None,
     split_models: dict[str, Any] | None = None,
     cell_source: str | None = None,
+    namespace_values: dict[str, Any] | None = None,
 ) -> Advice:
     """Rank the changes that would make ``report``'s cell fit its device.
 
-    ``cell_source`` (the cell as the user wrote it) lets snippets be the
-    cell itself, changed: what the dry run measured is what gets pasted.
+    One pipeline: each source in ``_SOURCES`` adds suggestions (it sees what
+    the earlier ones found); one ranking orders them; where none fits alone,
+    the smallest combination that does is searched.  ``cell_source`` (the
+    cell as the user wrote it) lets snippets be the cell itself, changed:
+    what the dry run measured is what gets pasted.  ``namespace_values``
+    holds the ints and tensors the cell reads from the notebook, where sizes
+    it grows with are looked for.  The suggestions already in ``report``
+    (the first reading of the error's figures) are one of the sources.
     """
     capacity = report.device.capacity_bytes or (report.oom.capacity_bytes if report.oom else None)
     # The cell will be rerun from what is allocated now: after an OOM that is
@@ -96,56 +138,56 @@ def advise(
     # before the cell (the previous error's traceback).
     baseline = min(report.baseline_bytes, report.end_bytes) if report.oom is not None else report.baseline_bytes
     budget = int(capacity * (1 - margin)) if capacity else None
-    notes: list[str] = []
-    suggestions: list[Suggestion] = []
-    as_is: DryRun | None = None
+    batch_var = str(report.batch_var["name"]) if report.batch_var else None
+    context = _Context(
+        report=report,
+        census=census,
+        run_cell=run_cell,
+        cell_names=cell_names or set(),
+        bf16=bf16,
+        margin=margin,
+        probe=probe,
+        split_models=split_models or {},
+        cell_source=cell_source,
+        knobs=find_knobs(cell_source, namespace_values or {}, batch_var),
+        capacity=capacity,
+        baseline=baseline,
+        budget=budget,
+        as_is=None,
+        notes=[],
+    )
     needed: int | None = None
     if run_cell is not None:
         try:
-            as_is = run_cell({})
-            needed = _predicted(as_is, baseline)
+            context.as_is = run_cell({})
+            needed = _predicted(context.as_is, baseline)
         except DryRunError as exc:
-            notes.append(f"dry run not possible: {exc}")
+            context.notes.append(f"dry run not possible: {exc}")
     if needed is None and report.oom is not None and report.oom.requested_bytes is not None:
         # The cell did not finish: it needed at least this much.
         needed = report.peak_bytes + report.oom.requested_bytes
     deficit = (needed - budget) if needed is not None and budget is not None else None
-
-    if census is not None:
-        suggestions += _leak_suggestions(census, cell_names or set())
-    if run_cell is not None and as_is is not None and capacity:
-        fit = _batch_suggestions(report, run_cell, as_is, baseline, capacity, margin, suggestions, notes, cell_source)
-    else:
-        fit = None
-        if as_is is None and probe is not None and capacity:
-            suggestions += _probe_batch(report, probe, baseline, capacity, margin, notes)
-    if run_cell is not None and as_is is not None:
-        device_type = "cuda" if report.device.kind == "cuda" else "cpu"
-        suggestions += _what_if_suggestions(run_cell, as_is, bf16, notes, cell_source, device_type)
-        suggestions += _summed_loss_suggestion(run_cell, as_is, cell_source, notes)
-        suggestions += _weights_suggestions(as_is, capacity, margin, cell_source)
-    if report.oom is not None and report.device.kind == "cuda":
-        unallocated = report.oom.reserved_unallocated_bytes or 0
-        if unallocated >= max(report.oom.requested_bytes or 0, 64 * 2**20):
-            suggestions.append(
-                Suggestion(
-                    kind="expandable_segments",
-                    title="Let the allocator grow segments instead of fragmenting",
-                    detail=f"{format_bytes(unallocated)} is reserved by PyTorch but unallocated.",
-                    saves_bytes=unallocated,
-                    params={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
-                    code=EXPANDABLE_CODE,
-                    source="rule",
-                )
-            )
-    for name, model in (split_models or {}).items():
-        suggestions += _device_map_suggestions(name, model, capacity)
-    ranked = _rank(suggestions, deficit)
-    return Advice(ranked, needed, budget, deficit, fit, notes)
+    first_reading = list(report.suggestions)
+    for name, source in _SOURCES:
+        try:
+            context.found += source(context)
+        except DryRunError as exc:
+            context.notes.append(f"{name}: {exc}")
+    context.found += _error_facts(context, first_reading)
+    ranked = _rank(context.found, deficit)
+    if deficit is not None and deficit > 0 and not any(s.fits for s in ranked):
+        combined = _combination(context, ranked)
+        if combined is not None:
+            ranked.insert(0, combined)
+    for suggestion in ranked:
+        _no_line_for_a_loop(suggestion, cell_source, context.notes)
+    ranked = [s for s in ranked if not s.params.get("looped")]
+    return Advice(ranked, needed, budget, deficit, context.fit, context.notes)
 
 
 def _rank(suggestions: list[Suggestion], deficit: int | None) -> list[Suggestion]:
-    """Those that make the cell fit alone first, then those whose effect is unknown, then the rest."""
+    """Those that make the cell fit alone first, then those whose effect is unknown, then the rest;
+    within each, the order of ``_PREFERENCE`` (same math, then numerics, then the experiment)."""
     for s in suggestions:
         if s.fits is not None:
             continue
@@ -156,10 +198,28 @@ def _rank(suggestions: list[Suggestion], deficit: int | None) -> list[Suggestion
 
     def key(s: Suggestion) -> tuple[int, int, int]:
         order = 0 if s.fits else (1 if s.fits is None else 2)
-        return (order, _PREFERENCE.index(s.kind), -(s.saves_bytes or 0))
+        preference = _PREFERENCE.index(s.kind) if s.kind in _PREFERENCE else len(_PREFERENCE)
+        return (order, preference, -(s.saves_bytes or 0))
 
     # The same kind twice (two leaks): keep both, best first.
     return sorted(suggestions, key=key)
+
+
+def _no_line_for_a_loop(suggestion: Suggestion, cell_source: str | None, notes: list[str]) -> None:
+    """``bs = 2048`` pasted above a cell that loops ``for bs in [...]`` changes nothing: a note instead."""
+    variable = suggestion.params.get("variable")
+    if suggestion.kind in ("batch_size", "input_size") and variable in loop_variables(cell_source):
+        suggestion.params["looped"] = True
+        notes.append(
+            f"the cell sets `{variable}` in its own loop: change the loop's values to "
+            f"{suggestion.params.get('value')} or less"
+        )
+
+
+def _error_facts(context: _Context, first_reading: list[Suggestion]) -> list[Suggestion]:
+    """The first reading of the error's figures: kept only where nothing measured says the same."""
+    measured = {s.kind for s in context.found}
+    return [s for s in first_reading if s.kind not in measured]
 
 
 def _python_path(path: str) -> str:
@@ -182,16 +242,28 @@ def _leak_suggestions(census: Census, cell_names: set[str]) -> list[Suggestion]:
     # them saves at the peak needs a dry run, not the census (left out).
     graphs: dict[str, list[TensorRecord]] = {}
     module_roots = {r.root for r in census.records if r.holder == "parameter"}
-    for record in census.records:
-        if not record.graph_bytes:
-            continue
-        if record.holder in ("variable", "container"):
+    held = [r for r in census.records if r.graph_bytes]
+    # A variable or container is one holder, whatever inside it keeps graphs
+    # (a Hugging Face output's loss and its key/value cache).
+    whole = {r.root for r in held if r.holder in ("variable", "container")}
+    for record in held:
+        if record.holder in ("variable", "container") or (record.holder == "attribute" and record.root in whole):
             graphs.setdefault(record.root, []).append(record)
         elif record.holder == "attribute" and record.root not in module_roots:
             graphs.setdefault(record.path, []).append(record)
-    for holder, records in sorted(graphs.items(), key=lambda item: -sum(r.graph_bytes for r in item[1])):
-        total = sum(r.graph_bytes for r in records)
+
+    def union(records: list[TensorRecord]) -> int:
+        """The graphs' bytes, each storage once (graphs overlap: a loss reaches every activation)."""
+        prefixes = tuple(f"{r.path}.grad_fn" for r in records)
+        return sum(r.nbytes for r in census.records if r.holder == "autograd_graph" and r.path.startswith(prefixes))
+
+    totals = {holder: union(records) for holder, records in graphs.items()}
+    for holder, records in sorted(graphs.items(), key=lambda item: -totals[item[0]]):
+        total = totals[holder]
+        if not total:
+            continue  # every storage of these graphs is held by something else too
         many = f"{len(records)} autograd graphs" if len(records) > 1 else "its autograd graph"
+        keys = (f"{holder}['", f'{holder}["')
         if holder != records[0].root:  # an attribute
             target = _python_path(holder)
             code = f"{target} = {target}.detach()\n# and where it is set (in forward): store h.detach(), not h"
@@ -202,15 +274,21 @@ def _leak_suggestions(census: Census, cell_names: set[str]) -> list[Suggestion]:
         elif all(r.path == holder for r in records):  # the variable itself
             code = f"{holder} = {holder}.detach()  # or keep {holder}.item()"
             detail = "A tensor that still has its grad_fn keeps every activation its backward would need."
-        elif any(r.path.startswith((f"{holder}['", f'{holder}["')) for r in records):  # a dict
+        elif all(r.path.startswith(keys) and r.path.endswith(("']", '"]')) for r in records):  # a mapping
+            # In place: a dict stays a dict, a Hugging Face output keeps its attributes.
             code = (
-                f"{holder} = {{k: v.detach() if torch.is_tensor(v) else v for k, v in {holder}.items()}}"
-                "  # or keep loss.item()"
+                f"for key, value in {holder}.items():\n"
+                f"    if torch.is_tensor(value):\n"
+                f"        {holder}[key] = value.detach()"
             )
             detail = "Tensors that still have their grad_fn keep every activation their backward would need."
-        else:
+        elif all(r.path.startswith(f"{holder}[") and r.path.endswith("]") and "." not in r.path for r in records):
             code = f"{holder} = [t.detach() if torch.is_tensor(t) else t for t in {holder}]  # or keep loss.item()"
             detail = "Tensors that still have their grad_fn keep every activation their backward would need."
+        else:  # graphs deep inside objects (a key/value cache): detaching each is no snippet
+            inside = ", ".join(f"`{r.path}`" for r in records[:3]) + (" ..." if len(records) > 3 else "")
+            code = f"del {holder}  # keep only what you need from it, detached (loss.item())"
+            detail = f"Tensors inside it still have their grad_fn ({inside}): every activation their backward needs."
         found.append(
             Suggestion(
                 kind="free_references",
@@ -222,6 +300,7 @@ def _leak_suggestions(census: Census, cell_names: set[str]) -> list[Suggestion]:
                 source="measured",
             )
         )
+    found += _module_attribute_graphs(census, module_roots)
     out_bytes = sum(r.nbytes for r in census.records if r.holder == "output_cache")
     if out_bytes:
         names = [r.path for r in census.records if r.holder == "output_cache"][:3]
@@ -277,6 +356,55 @@ def _leak_suggestions(census: Census, cell_names: set[str]) -> list[Suggestion]:
     return found
 
 
+def _module_attribute_graphs(census: Census, module_roots: set[str]) -> list[Suggestion]:
+    """Modules that keep activations on an attribute in forward (``self.last = h``).
+
+    Each keeps the last forward's tensor, and with its grad_fn every activation
+    its backward would need, until the next forward replaces it: one step's
+    activations are alive during the next.  Clearing them frees both now.
+    """
+    groups: dict[tuple[str, str], list[TensorRecord]] = {}
+    for record in census.records:
+        if record.holder == "attribute" and record.root in module_roots and record.requires_grad:
+            attribute = record.path.rsplit(".", 1)[-1]
+            if attribute.isidentifier():
+                groups.setdefault((record.root, attribute), []).append(record)
+    found = []
+    for (root, attribute), records in groups.items():
+        paths = tuple(r.path for r in records)
+        # Graphs overlap (block 3's reaches block 0's): count each storage once,
+        # and none that something outside these attributes and graphs holds too.
+        graphs = sum(
+            r.nbytes
+            for r in census.records
+            if r.holder == "autograd_graph"
+            and r.path.startswith(paths)
+            and all(p.startswith(paths) for p in r.also_held_by)
+        )
+        total = graphs + sum(r.nbytes for r in records if all(p.startswith(paths) for p in r.also_held_by))
+        if not total:
+            continue
+        many = len(records) > 1
+        where = f"{records[0].path} and {len(records) - 1} more" if many else records[0].path
+        found.append(
+            Suggestion(
+                kind="free_references",
+                title=f"`{where}` keep{'' if many else 's'} the last forward's activations ({format_bytes(total)})",
+                detail=f"A module stores a tensor on `self.{attribute}` in forward, with its grad_fn: it and "
+                f"its graph ({format_bytes(graphs)}) stay alive until the next forward replaces it, so one "
+                "step's activations are alive during the next. Clear them before the cell; in forward, "
+                f"store `h.detach()` (or nothing) instead.",
+                saves_bytes=total,
+                params={"names": [root], "paths": [r.path for r in records], "action": "clear"},
+                code=f"for module in {root}.modules():  # forward sets `{attribute}` again, detach it there\n"
+                f'    if torch.is_tensor(module.__dict__.get("{attribute}")):\n'
+                f"        module.{attribute} = None",
+                source="measured",
+            )
+        )
+    return found
+
+
 def _summed_loss_suggestion(
     run_cell: CellRunner, as_is: DryRun, cell_source: str | None, notes: list[str]
 ) -> list[Suggestion]:
@@ -304,85 +432,125 @@ def _summed_loss_suggestion(
             params={"variable": total, "action": "backward_per_micro_batch"},
             code=changed,
             source="dry-run",
+            apply="replace_cell",
         )
     ]
 
 
-def _batch_suggestions(
-    report: Report,
-    run_cell: CellRunner,
-    as_is: DryRun,
-    baseline: int,
-    capacity: int,
-    margin: float,
-    suggestions: list[Suggestion],
-    notes: list[str],
-    cell_source: str | None = None,
-) -> BatchFit | None:
-    var = report.batch_var
-    value = var.get("value") if var else None
-    if var is None or not isinstance(value, int) or isinstance(value, bool) or value < 1:
+def _sizes(context: _Context) -> list[Suggestion]:
+    """The sizes the cell grows with (a batch, an image, a sequence), each searched by dry runs."""
+    run_cell, as_is, capacity = context.run_cell, context.as_is, context.capacity
+    if run_cell is None or as_is is None or not capacity:
+        if as_is is None and context.probe is not None and capacity:
+            return _probe_batch(
+                context.report, context.probe, context.baseline, capacity, context.margin, context.notes
+            )
+        return []
+    found: list[Suggestion] = []
+    growth = max(1, as_is.peak_bytes - as_is.start_bytes)
+    told = str(context.report.batch_var["name"]) if context.report.batch_var else None
+    searched: set[str] = set()
+    for knob in context.knobs:
+        if knob.role in searched:
+            continue
+        if knob.name != told:
+            # Does the cell's memory grow with it at all?  One dry run at half says.
+            try:
+                half = knob.measure(run_cell, context.cell_source, max(1, knob.value // 2))
+            except DryRunError:
+                continue
+            if as_is.peak_bytes - half.peak_bytes < 0.05 * growth:
+                continue
+        fit = _search(context, knob)
+        if fit is None:
+            continue
+        searched.add(knob.role)
+        context.sized.append((knob, fit))
+        if context.fit is None:
+            context.fit = fit
+        found += _size_suggestions(context, knob, fit)
+    return found
+
+
+def _search(context: _Context, knob: Knob, **options: Any) -> BatchFit | None:
+    """The largest value of ``knob`` whose dry run fits the budget (with ``options``: autocast...)."""
+    run_cell, baseline, capacity = context.run_cell, context.baseline, context.capacity
+    if run_cell is None or not capacity:
         return None
-    name = str(var["name"])
-    role = variable_role(cell_source, name)
 
     def run_at(b: int) -> DryRun:
-        run = run_cell({name: b})
+        run = knob.measure(run_cell, context.cell_source, b, **options)
         run.batch_size = b
         run.peak_bytes = _predicted(run, baseline)
         return run
 
     try:
-        fit = search_batch(run_at, value, int(capacity * (1 - margin)), capacity, margin)
+        return search_batch(run_at, knob.value, int(capacity * (1 - context.margin)), capacity, context.margin)
     except DryRunError as exc:
-        notes.append(f"batch search not possible: {exc}")
+        context.notes.append(f"search of {knob.label} not possible: {exc}")
         return None
-    current = _predicted(as_is, baseline)
+
+
+def _size_suggestions(context: _Context, knob: Knob, fit: BatchFit) -> list[Suggestion]:
+    as_is, capacity, margin, cell_source = context.as_is, context.capacity, context.margin, context.cell_source
+    if as_is is None or not capacity:
+        return []
+    value = knob.value
+    current = _predicted(as_is, context.baseline)
     if fit.max_batch >= value or fit.max_batch < 1:
-        return fit
+        return []
     saves = current - fit.verified_peak_bytes
     steps = math.ceil(value / fit.max_batch)
-    # --batch-var searches any integer memory grows with: its role in the
-    # cell (a batch, or a length or resolution) decides the kind.
-    kind = "batch_size" if role == "batch" else "input_size"
-    suggestions.append(
+    kind = "batch_size" if knob.role == "batch" else "input_size"
+    code, apply = knob.snippet(cell_source, fit.max_batch)
+    what = knob.label
+    found = [
         Suggestion(
             kind=kind,
-            title=f"Lower {name} from {value} to {fit.max_batch}",
-            detail=f"Dry runs: {name}={fit.max_batch} peaks at {format_bytes(fit.verified_peak_bytes)} of "
-            f"{format_bytes(capacity)} ({int(margin * 100)}% kept free); {name}={value} needs "
-            f"{format_bytes(current)}.",
+            title=f"Lower {what} from {value} to {fit.max_batch}",
+            detail=f"Dry runs: {fit.max_batch} peaks at {format_bytes(fit.verified_peak_bytes)} of "
+            f"{format_bytes(capacity)} ({int(margin * 100)}% kept free); {value} needs {format_bytes(current)}."
+            + (f" The cell sets `{knob.name}` itself: its line is edited." if knob.set_in_cell else ""),
             saves_bytes=saves,
-            params={"variable": name, "value": fit.max_batch, "accumulation_steps": steps},
-            code=f"{name} = {fit.max_batch}",
+            params={"variable": knob.name, "value": fit.max_batch}
+            | ({"accumulation_steps": steps} if kind == "batch_size" else {})
+            | ({"literal": True} if knob.how == "literal" else {})
+            | ({"cell_line": knob.line} if knob.line else {})
+            | ({"shape": list(knob.new_shape(fit.max_batch))} if knob.how == "tensor" else {}),
+            code=code,
             source="dry-run",
+            fits=True,
+            apply=apply,
         )
-    )
-    if kind != "batch_size" or not _gradient_bytes(as_is, cell_source) or not cell_source:
-        return fit  # accumulation is for training: a cell without backward has no gradients to keep
+    ]
+    if kind != "batch_size" or knob.how != "variable" or not _gradient_bytes(as_is, cell_source) or not cell_source:
+        return found  # accumulation is for training: a cell without backward has no gradients to keep
     # The cell rewritten as micro-batches with one optimizer step, dry-run as
     # such: the gradients stay allocated between micro-batches, which a plain
     # smaller batch does not pay for.
-    sets_it = f"{name} =" in cell_source or f"{name}=" in cell_source
+    run_cell = context.run_cell
+    if run_cell is None:
+        return found
+    name = knob.name
     micro = fit.max_batch
     for _ in range(6):
         steps = math.ceil(value / micro)
         micro = math.ceil(value / steps)
-        changed = accumulation_cell(cell_source, name, micro, steps, sets_it)
+        changed = accumulation_cell(cell_source, name, micro, steps, knob.set_in_cell)
         if changed is None:
-            return fit
+            return found
         try:
             run = run_cell({name: micro}, source=changed)
         except DryRunError as exc:
-            notes.append(f"gradient accumulation dry run: {exc}")
-            return fit
-        peak = _predicted(run, baseline)
+            context.notes.append(f"gradient accumulation dry run: {exc}")
+            return found
+        peak = _predicted(run, context.baseline)
         if peak <= fit.budget_bytes:
             break
         micro = max(1, micro * 3 // 4)
     else:
-        return fit
-    suggestions.append(
+        return found
+    found.append(
         Suggestion(
             kind="gradient_accumulation",
             title=f"Keep the effective batch of {value}: {steps} micro-batches of {micro}",
@@ -394,9 +562,47 @@ def _batch_suggestions(
             code=changed,
             source="dry-run",
             fits=True,
+            apply="replace_cell",
         )
     )
-    return fit
+    return found
+
+
+def _combination(context: _Context, ranked: list[Suggestion]) -> Suggestion | None:
+    """No change fits alone: autocast with the largest size that then fits, verified by dry runs."""
+    precision = next((s for s in ranked if s.kind == "mixed_precision" and (s.saves_bytes or 0) > 0), None)
+    as_is = context.as_is
+    if precision is None or as_is is None or context.run_cell is None or not context.capacity or not context.knobs:
+        return None
+    dtype = context.autocast_dtype
+    for knob in [k for k, _ in context.sized] or context.knobs[:1]:
+        fit = _search(context, knob, autocast=dtype)
+        if fit is None or fit.max_batch < 1 or fit.max_batch >= knob.value:
+            continue
+        first, changed = knob.change(context.cell_source, fit.max_batch)
+        body = changed if changed is not None else (context.cell_source or "")
+        header = f'with torch.autocast("{context.device_type}", dtype={dtype}):'
+        code = "\n".join([*first, _wrapped(body, header, "...  # the cell")])
+        current = _predicted(as_is, context.baseline)
+        label = "bf16" if dtype is torch.bfloat16 else "fp16"
+        return Suggestion(
+            kind="combination",
+            title=f"{label} autocast and {knob.label} {fit.max_batch} (from {knob.value})",
+            detail=f"No single change fits. Together, dry run: peak {format_bytes(fit.verified_peak_bytes)} "
+            f"of {format_bytes(context.capacity)} ({int(context.margin * 100)}% kept free).",
+            saves_bytes=current - fit.verified_peak_bytes,
+            params={
+                "kinds": ["mixed_precision", "batch_size" if knob.role == "batch" else "input_size"],
+                "dtype": label,
+                "variable": knob.name,
+                "value": fit.max_batch,
+            },
+            code=code,
+            source="dry-run",
+            fits=True,
+            apply="replace_cell",
+        )
+    return None
 
 
 def _probe_batch(
@@ -464,6 +670,7 @@ def _device_map_suggestions(name: str, model: Any, capacity: int | None) -> list
             params={"device_map": balanced, "bytes_per_device": per_device},
             code=f"device_map = {balanced!r}\n# from_pretrained(..., device_map=device_map)",
             source="measured",
+            apply="setup",
         )
     ]
 
@@ -557,7 +764,8 @@ def _what_if_suggestions(
         if options.get("checkpoint") and changed.checkpoint_code:
             # What the dry run did to the model's copy, to run once on the model.
             fields = dict(fields, code=changed.checkpoint_code + "\n# then run the cell again")
-        found.append(Suggestion(saves_bytes=saves, source="dry-run", **fields))
+        apply = "replace_cell" if cell_source and not options.get("checkpoint") else "run_first"
+        found.append(Suggestion(saves_bytes=saves, source="dry-run", apply=apply, **fields))
     return found
 
 
@@ -588,6 +796,7 @@ def _weights_suggestions(
                 params={"optimizer": "bitsandbytes.optim.AdamW8bit"},
                 code="import bitsandbytes as bnb\nopt = bnb.optim.AdamW8bit(model.parameters(), lr=lr)",
                 source="rule",
+                apply="setup",
             )
         )
     found.append(
@@ -599,6 +808,7 @@ def _weights_suggestions(
             params={"bits": 4},
             code="# transformers + peft: BitsAndBytesConfig(load_in_4bit=True), then get_peft_model(...)",
             source="rule",
+            apply="setup",
         )
     )
     gpus = max(2, math.ceil(fixed / (capacity * (1 - margin) * 0.8)))
@@ -613,6 +823,7 @@ def _weights_suggestions(
             params={"gpus": gpus, "per_gpu_bytes": per_gpu},
             code="from torch.distributed.fsdp import fully_shard\nfully_shard(model)  # under torchrun",
             source="dry-run",
+            apply="setup",
         )
     )
     return found
@@ -632,3 +843,72 @@ def describe(advice: Advice) -> list[str]:
         )
     lines.extend(advice.notes)
     return lines
+
+
+# -- the sources, in order --------------------------------------------------------------
+def _leaks(context: _Context) -> list[Suggestion]:
+    return _leak_suggestions(context.census, context.cell_names) if context.census is not None else []
+
+
+def _what_ifs(context: _Context) -> list[Suggestion]:
+    if context.run_cell is None or context.as_is is None:
+        return []
+    return _what_if_suggestions(
+        context.run_cell, context.as_is, context.bf16, context.notes, context.cell_source, context.device_type
+    )
+
+
+def _summed_loss(context: _Context) -> list[Suggestion]:
+    if context.run_cell is None or context.as_is is None:
+        return []
+    return _summed_loss_suggestion(context.run_cell, context.as_is, context.cell_source, context.notes)
+
+
+def _weights(context: _Context) -> list[Suggestion]:
+    if context.as_is is None:
+        return []
+    return _weights_suggestions(context.as_is, context.capacity, context.margin, context.cell_source)
+
+
+def _allocator(context: _Context) -> list[Suggestion]:
+    """Memory PyTorch reserved but cannot use for the request: a fragmented cache."""
+    oom = context.report.oom
+    if oom is None or context.report.device.kind != "cuda":
+        return []
+    unallocated = oom.reserved_unallocated_bytes or 0
+    if unallocated < max(oom.requested_bytes or 0, 64 * 2**20):
+        return []
+    return [
+        Suggestion(
+            kind="expandable_segments",
+            title="Let the allocator grow segments instead of fragmenting",
+            detail=f"{format_bytes(unallocated)} is reserved by PyTorch but unallocated.",
+            saves_bytes=unallocated,
+            params={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
+            code=EXPANDABLE_CODE,
+            source="rule",
+            apply="setup",
+        )
+    ]
+
+
+def _device_maps(context: _Context) -> list[Suggestion]:
+    found: list[Suggestion] = []
+    for name, model in context.split_models.items():
+        found += _device_map_suggestions(name, model, context.capacity)
+    return found
+
+
+#: Every source of suggestions, in the order they run (the first reading of
+#: the error's figures comes last: it stands only where nothing measured the same).
+#: Cheap and specific first: under the time budget, a search over sizes (ten
+#: dry runs or more) must not starve the one dry run that finds a summed loss.
+_SOURCES: list[tuple[str, Callable[[_Context], list[Suggestion]]]] = [
+    ("leaks", _leaks),
+    ("summed loss", _summed_loss),
+    ("what-ifs", _what_ifs),
+    ("sizes", _sizes),
+    ("weights", _weights),
+    ("allocator", _allocator),
+    ("device maps", _device_maps),
+]

@@ -16,6 +16,7 @@ __all__ = [
     "assigned_line",
     "backward_per_micro_batch",
     "edit_in_cell",
+    "edit_in_cell_source",
     "loop_variables",
     "override_assignments",
     "variable_role",
@@ -96,10 +97,23 @@ def edit_in_cell(suggestion: Any, source: str | None, raw_cell: str | None) -> N
     lines[number - 1] = new
     suggestion.params["cell_line"] = number
     suggestion.detail += f" The cell sets it on its line {number}: `{old.strip()}` becomes `{new.strip()}`."
+    suggestion.apply = "replace_cell"
     if len(lines) <= 30:
         suggestion.code = "\n".join(lines)
     else:
         suggestion.code = f"# line {number} of the cell, instead of: {old.strip()}\n{new}"
+
+
+def edit_in_cell_source(source: str, name: str, value: Any) -> str:
+    """``source`` with the line where it sets ``name`` to a constant setting it to ``value``."""
+    found = assigned_line(source, name)
+    if found is None:
+        return source
+    number, old = found
+    lines = source.splitlines()
+    indent = old[: len(old) - len(old.lstrip())]
+    lines[number - 1] = f"{indent}{name} = {value!r}"
+    return "\n".join(lines)
 
 
 _BATCH_KEYWORDS = {"batch_size", "bs", "per_device_train_batch_size", "per_device_eval_batch_size", "num_samples"}

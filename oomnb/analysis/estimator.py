@@ -603,12 +603,21 @@ def dry_run_cell(
     where changes cannot reach the user**, in a child of
     :func:`oomnb.analysis.isolation.run_isolated`.
     """
+    from .sizes import Resized
+
+    _whole_batches_from_tensor_datasets()
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     heavy = _heavy_names(code, namespace)
     with simulated_device.untracked():
         fake = _fake_copy(mode, heavy)
     namespace.update(fake)
-    namespace.update(overrides or {})
+    for name, value in (overrides or {}).items():
+        # A callable override (``sizes.Resized``) derives the value from the
+        # name's fake copy: the same tensor with another shape, fake too.
+        if isinstance(value, Resized):
+            with mode:
+                value = value(namespace.get(name))
+        namespace[name] = value
     roots = list(fake.values())
     tensors = [t for t in _walk(roots) if isinstance(t, torch.Tensor)]
 
@@ -617,6 +626,32 @@ def dry_run_cell(
 
     names = {id(value): name for name, value in fake.items()}
     return _measure(mode, roots, tensors, run, autocast=autocast, no_grad=no_grad, checkpoint=checkpoint, names=names)
+
+
+def _whole_batches_from_tensor_datasets() -> None:
+    """A DataLoader over a TensorDataset fetches a batch with one index per tensor, not one per sample.
+
+    The default fetcher indexes the dataset sample by sample and stacks the
+    rows: thousands of fake operations for one batch, seconds of a dry run's
+    budget.  Indexing each tensor with the batch's indices gives the same
+    tensors (same shapes, dtypes, bytes).  Patched in the isolated child only.
+    """
+    from torch.utils.data import TensorDataset
+    from torch.utils.data._utils import collate, fetch
+
+    fetcher = fetch._MapDatasetFetcher
+    if getattr(fetcher, "_oomnb_whole_batches", False):
+        return
+    original = fetcher.fetch
+
+    def fetch_batch(self: Any, possibly_batched_index: Any) -> Any:
+        if self.auto_collation and type(self.dataset) is TensorDataset and self.collate_fn is collate.default_collate:
+            index = torch.as_tensor(list(possibly_batched_index), dtype=torch.long)
+            return [t[index] for t in self.dataset.tensors]
+        return original(self, possibly_batched_index)
+
+    fetcher.fetch = fetch_batch  # type: ignore[method-assign]
+    fetcher._oomnb_whole_batches = True  # type: ignore[attr-defined]
 
 
 def probe_cell(

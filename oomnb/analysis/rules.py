@@ -69,6 +69,7 @@ def diagnose(
                 saves_bytes=unallocated,
                 params={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
                 code=EXPANDABLE_CODE,
+                apply="setup",
             )
         )
     others = oom.other_processes_bytes or 0

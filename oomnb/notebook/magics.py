@@ -33,6 +33,7 @@ from .pipeline import (
     guarded,
     is_oom,
     oom_info,
+    reachable_names,
     silence_kernel,
 )
 
@@ -474,6 +475,8 @@ class GpuMem(Magics):
         run: CellRun | None,
         user_ns: dict[str, Any],
     ) -> None:
+        import torch
+
         from .cleanup import shell_census
 
         with guarded(report.notes, "advise"):
@@ -484,6 +487,12 @@ class GpuMem(Magics):
                 freed_traceback=run.freed_traceback if run is not None else None,
                 census=shell_census(self._ip, backend),
                 cell_names=set(body.co_names),
+                # What the cell reads, itself or through the notebook's functions it calls.
+                namespace_values={
+                    name: value
+                    for name in sorted(reachable_names(body, user_ns))
+                    if type(value := user_ns.get(name)) is int or isinstance(value, torch.Tensor)
+                },
                 split_models={
                     name: value
                     for name in body.co_names

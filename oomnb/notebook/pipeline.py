@@ -437,6 +437,7 @@ def advise_cell(
     split_models: dict[str, Any],
     raw_cell: str | None = None,
     freed_traceback: tuple[str, int] | None = None,
+    namespace_values: dict[str, Any] | None = None,
 ) -> None:
     """Put the advisor's ranked, measured suggestions into ``report`` (guarded by the caller)."""
     from ..analysis.advisor import advise, describe
@@ -452,22 +453,13 @@ def advise_cell(
         probe=isolation.probe if CAN_ISOLATE and backend.kind == "simulated" else None,
         split_models=split_models,
         cell_source=raw_cell,
+        namespace_values=namespace_values,
     )
-    measured_kinds = {s.kind for s in advice.suggestions}
-    rules_left = [s for s in report.suggestions if s.kind not in measured_kinds]
-    report.suggestions = advice.suggestions + rules_left
-    looped = loop_variables(isolation.source)
-    for suggestion in list(report.suggestions):
-        variable = suggestion.params.get("variable")
-        if variable in looped and suggestion.kind in ("batch_size", "input_size"):
-            # `bs = 2048` pasted above a cell that loops `for bs in [...]` changes nothing.
-            report.suggestions.remove(suggestion)
-            report.notes.append(
-                f"the cell sets `{variable}` in its own loop: change the loop's values to "
-                f"{suggestion.params.get('value')} or less"
-            )
-            continue
-        edit_in_cell(suggestion, isolation.source, raw_cell)
+    report.suggestions = advice.suggestions
+    for suggestion in report.suggestions:
+        if suggestion.source != "dry-run":
+            # A rule's or a probe's new batch goes where the cell sets it (dry-run ones are edited already).
+            edit_in_cell(suggestion, isolation.source, raw_cell)
     if freed_traceback is not None and advice.deficit_bytes is not None and advice.deficit_bytes <= 0:
         # Recovery itself removed the cause: say so first, with the figure.
         what, freed = freed_traceback
@@ -483,6 +475,7 @@ def advise_cell(
                 code=raw_cell or "",
                 source="measured",
                 fits=True,
+                apply="replace_cell",
             ),
         )
     extra = [line for line in describe(advice) if line != isolation.spent_note]
