@@ -30,15 +30,40 @@ export interface IOom {
   exception_type?: string;
 }
 
+/** The vocabulary of suggestion kinds: the JSON Schema's enum (a test checks they agree). */
+export const SUGGESTION_KINDS = [
+  'batch_size',
+  'mixed_precision',
+  'gradient_checkpointing',
+  'gradient_accumulation',
+  'free_references',
+  'no_grad',
+  'clear_output_cache',
+  'clear_traceback',
+  'expandable_segments',
+  'quantization',
+  'optimizer',
+  'input_size',
+  'sharding',
+  'device_map',
+  'combination'
+] as const;
+export type SuggestionKind = (typeof SUGGESTION_KINDS)[number];
+
+/** How a suggestion's code is applied (the JSON Schema's enum). */
+export const SUGGESTION_APPLIES = ['replace_cell', 'run_first', 'setup'] as const;
+
 /** One change that would make the cell fit. */
 export interface ISuggestion {
-  kind: string;
+  kind: SuggestionKind;
   title: string;
   detail: string;
   saves_bytes: number | null;
   params: Record<string, unknown>;
   code: string;
   source: 'dry-run' | 'measured' | 'rule';
+  fits?: boolean | null;
+  apply?: (typeof SUGGESTION_APPLIES)[number];
 }
 
 /** A report, as validated. */
@@ -138,7 +163,8 @@ export function parseReport(data: unknown): IParsed {
   for (const s of data.suggestions) {
     if (
       !isObject(s) ||
-      typeof s.kind !== 'string' ||
+      !(SUGGESTION_KINDS as readonly unknown[]).includes(s.kind) ||
+      (s.apply !== undefined && !(SUGGESTION_APPLIES as readonly unknown[]).includes(s.apply)) ||
       typeof s.title !== 'string' ||
       typeof s.detail !== 'string' ||
       typeof s.code !== 'string' ||

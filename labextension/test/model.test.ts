@@ -1,4 +1,14 @@
-import { formatBytes, MIME_TYPE, notebookState, parseReport } from '../src/model';
+import * as fs from 'fs';
+import * as path from 'path';
+
+import {
+  formatBytes,
+  MIME_TYPE,
+  notebookState,
+  parseReport,
+  SUGGESTION_APPLIES,
+  SUGGESTION_KINDS
+} from '../src/model';
 
 function report(overrides: Record<string, unknown> = {}): Record<string, unknown> {
   return {
@@ -104,5 +114,28 @@ describe('formatBytes', () => {
     expect(formatBytes(512)).toBe('512 B');
     expect(formatBytes(null)).toBe('unknown');
     expect(MIME_TYPE).toBe('application/vnd.oomnb.report+json');
+  });
+});
+
+describe('suggestion vocabulary', () => {
+  const schema = JSON.parse(
+    fs.readFileSync(path.join(__dirname, '..', '..', 'oomnb', 'schema', 'report.schema.json'), 'utf8')
+  );
+  const item = schema.properties.suggestions.items.properties;
+
+  it('has the kinds of the JSON Schema, no more, no fewer', () => {
+    expect([...SUGGESTION_KINDS].sort()).toEqual([...item.kind.enum].sort());
+  });
+
+  it('has the ways to apply of the JSON Schema', () => {
+    expect([...SUGGESTION_APPLIES].sort()).toEqual([...item.apply.enum].sort());
+  });
+
+  it('refuses a suggestion of an unknown kind, in one line', () => {
+    const suggestion = { kind: 'buy_a_bigger_gpu', title: 't', detail: 'd', saves_bytes: null, params: {}, code: '', source: 'rule' };
+    const parsed = parseReport(report({ suggestions: [suggestion] }));
+    expect(parsed.error).toBe('oomnb report: malformed suggestion');
+    const known = parseReport(report({ suggestions: [{ ...suggestion, kind: 'combination', apply: 'replace_cell' }] }));
+    expect(known.error).toBeUndefined();
   });
 });
