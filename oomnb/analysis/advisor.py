@@ -736,7 +736,11 @@ def _what_if_suggestions(
             False,  # most models have no run of like blocks: nothing to say
         ),
     ]
-    if not _gradient_bytes(as_is, cell_source):
+    training = bool(_gradient_bytes(as_is, cell_source))
+    if not training:
+        # Checkpointing trades recomputation in backward for memory: a cell
+        # without backward wants no_grad instead.
+        variants = [v for v in variants if not v[0].get("checkpoint")]
         variants.append(
             (
                 {"no_grad": True},
