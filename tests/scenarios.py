@@ -100,6 +100,22 @@ model = nn.Sequential(*[Block() for _ in range(6)])
 opt = torch.optim.SGD(model.parameters(), lr=0.01)
 """
 
+TRAINER = GPT2 + """
+import tempfile
+from transformers import Trainer, TrainingArguments
+class Tokens(torch.utils.data.Dataset):
+    def __len__(self):
+        return 256
+    def __getitem__(self, i):
+        ids = torch.randint(0, 1000, (256,))
+        return {"input_ids": ids, "labels": ids}
+args = TrainingArguments(
+    tempfile.mkdtemp(), per_device_train_batch_size=32, max_steps=2, use_cpu=True,
+    report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
+)
+trainer = Trainer(model=model, args=args, train_dataset=Tokens())
+"""
+
 SCENARIOS = [
     Scenario(
         "batch set in the cell",
@@ -312,6 +328,14 @@ SCENARIOS = [
         "opt.step()\nopt.zero_grad()",
         120,
         frozenset({"free_references"}),
+        family="transformers",
+    ),
+    Scenario(
+        "Hugging Face Trainer",
+        TRAINER,
+        "trainer.train()",
+        300,
+        frozenset({"gradient_accumulation", "gradient_checkpointing"}),
         family="transformers",
     ),
 ]

@@ -25,6 +25,7 @@ from .census import Census, TensorRecord
 from .estimator import BatchFit, DryRun, DryRunError, search_batch
 from .rules import EXPANDABLE_CODE
 from .sizes import Knob, find_knobs
+from .trainer import trainer_called, trainer_suggestions
 
 __all__ = ["Advice", "advise"]
 
@@ -120,6 +121,7 @@ def advise(
     split_models: dict[str, Any] | None = None,
     cell_source: str | None = None,
     namespace_values: dict[str, Any] | None = None,
+    trainers: dict[str, Any] | None = None,
 ) -> Advice:
     """Rank the changes that would make ``report``'s cell fit its device.
 
@@ -129,7 +131,8 @@ def advise(
     cell as the user wrote it) lets snippets be the cell itself, changed:
     what the dry run measured is what gets pasted.  ``namespace_values``
     holds the ints and tensors the cell reads from the notebook, where sizes
-    it grows with are looked for.  The suggestions already in ``report``
+    it grows with are looked for; ``trainers`` maps the names of Hugging Face
+    Trainers the cell reads to their ``args``.  The suggestions already in ``report``
     (the first reading of the error's figures) are one of the sources.
     """
     capacity = report.device.capacity_bytes or (report.oom.capacity_bytes if report.oom else None)
@@ -157,7 +160,25 @@ def advise(
         notes=[],
     )
     needed: int | None = None
-    if run_cell is not None:
+    sources = _SOURCES
+    trainer = trainer_called(cell_source, list(trainers or {}))
+    if trainer is not None and run_cell is not None and capacity:
+        # trainer.train(): one training step says what the loop needs, and the
+        # advice is TrainingArguments changes (dry-running the whole loop would not end).
+        context.as_is, context.found = trainer_suggestions(
+            trainer,
+            run_cell,
+            baseline,
+            capacity,
+            margin,
+            (trainers or {})[trainer],
+            context.notes,
+            context.device_type,
+        )
+        sources = [(name, source) for name, source in _SOURCES if source in (_leaks, _weights)]
+        if context.as_is is not None:
+            needed = _predicted(context.as_is, baseline)
+    elif run_cell is not None:
         try:
             context.as_is = run_cell({})
             needed = _predicted(context.as_is, baseline)
@@ -168,7 +189,7 @@ def advise(
         needed = report.peak_bytes + report.oom.requested_bytes
     deficit = (needed - budget) if needed is not None and budget is not None else None
     first_reading = list(report.suggestions)
-    for name, source in _SOURCES:
+    for name, source in sources:
         try:
             context.found += source(context)
         except DryRunError as exc:

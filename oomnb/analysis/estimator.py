@@ -115,8 +115,20 @@ class BatchFit:
 
 # -- the fake world -------------------------------------------------------------------
 def _fake_copy(mode: FakeTensorMode, value: Any) -> Any:
-    with FakeCopyMode(mode):
-        return copy.deepcopy(value)
+    # A random generator (a DataLoader's sampler, a Trainer's) is shared, not
+    # copied: its state cannot be restored into a fake tensor, and the copy
+    # never runs anywhere the user's generator is seen.
+    dispatch: dict[type, Any] = copy._deepcopy_dispatch  # type: ignore[attr-defined]
+    previous = dispatch.get(torch.Generator)
+    dispatch[torch.Generator] = lambda generator, memo: generator
+    try:
+        with FakeCopyMode(mode):
+            return copy.deepcopy(value)
+    finally:
+        if previous is None:
+            dispatch.pop(torch.Generator, None)
+        else:
+            dispatch[torch.Generator] = previous
 
 
 def _resize_batch(mode: FakeTensorMode, value: Any, old: int | None, new: int | None, dim: int) -> Any:

@@ -477,6 +477,7 @@ class GpuMem(Magics):
     ) -> None:
         import torch
 
+        from ..analysis.trainer import is_trainer
         from .cleanup import shell_census
 
         with guarded(report.notes, "advise"):
@@ -492,6 +493,11 @@ class GpuMem(Magics):
                     name: value
                     for name in sorted(reachable_names(body, user_ns))
                     if type(value := user_ns.get(name)) is int or isinstance(value, torch.Tensor)
+                },
+                trainers={
+                    name: getattr(value, "args", None)
+                    for name in body.co_names
+                    if is_trainer(value := user_ns.get(name))
                 },
                 split_models={
                     name: value

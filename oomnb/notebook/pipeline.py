@@ -438,6 +438,7 @@ def advise_cell(
     raw_cell: str | None = None,
     freed_traceback: tuple[str, int] | None = None,
     namespace_values: dict[str, Any] | None = None,
+    trainers: dict[str, Any] | None = None,
 ) -> None:
     """Put the advisor's ranked, measured suggestions into ``report`` (guarded by the caller)."""
     from ..analysis.advisor import advise, describe
@@ -454,6 +455,7 @@ def advise_cell(
         split_models=split_models,
         cell_source=raw_cell,
         namespace_values=namespace_values,
+        trainers=trainers,
     )
     report.suggestions = advice.suggestions
     for suggestion in report.suggestions:
