@@ -27,7 +27,9 @@ No IPython here: a namespace is a dict.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import types
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -107,6 +109,15 @@ class Rollback:
     #: Rebound names whose earlier value is gone: their new value is kept.
     replaced: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+
+def _plain_object(value: Any) -> bool:
+    """An instance of a user or library class with its own attributes (not a module, tensor or container)."""
+    return (
+        hasattr(value, "__dict__")
+        and not isinstance(value, (type, types.ModuleType, types.FunctionType, types.MethodType))
+        and not isinstance(value, (torch.nn.Module, torch.optim.Optimizer, torch.Tensor))
+    )
 
 
 class _Old:
@@ -200,6 +211,8 @@ class Ledger:
         #: Each module's plain tensor attributes before the cell (weak: never
         #: kept alive by the ledger), to put back what a failed forward replaced.
         self.attributes: dict[int, tuple[weakref.ref[Any], dict[str, weakref.ref[Any]]]] = {}
+        #: Plain objects bound to names in scope (a Trainer), for the same.
+        self.holders: list[tuple[str, weakref.ref[Any]]] = []
         modules: list[torch.nn.Module] = []
         optimizers: list[torch.optim.Optimizer] = []
         for name, value in list(user_ns.items()):
@@ -214,6 +227,11 @@ class Ledger:
             self.bindings[name] = _Binding(id(value), _weak(value), type(value), length)
             for item in self._first_items(value):
                 self.old.add(item)
+                if item is value and _plain_object(value):
+                    # A Trainer, a config object: tensors it gains in place (trainer._tr_loss).
+                    self._record_attributes(value)
+                    with contextlib.suppress(TypeError):
+                        self.holders.append((name, weakref.ref(value)))
                 if isinstance(item, torch.nn.Module):
                     modules.append(item)
                     if item is value:
@@ -232,17 +250,21 @@ class Ledger:
             for sub in module.modules():
                 # Plain tensor attributes (a cached mask, what forward kept):
                 # to tell them from what a failed cell stores there.
-                before: dict[str, weakref.ref[Any]] = {}
-                for attr, value in vars(sub).items():
-                    if isinstance(value, torch.Tensor) and not attr.startswith("_"):
-                        self.old.add(value)
-                        before[attr] = weakref.ref(value)
-                self.attributes.setdefault(id(sub), (weakref.ref(sub), before))
+                self._record_attributes(sub)
         for opt in optimizers:
             if id(opt) in seen:
                 continue
             seen.add(id(opt))
             self._record_optimizer(opt)
+
+    def _record_attributes(self, owner: Any) -> None:
+        before: dict[str, weakref.ref[Any]] = {}
+        for attr, value in vars(owner).items():
+            if isinstance(value, torch.Tensor):
+                self.old.add(value)
+                before[attr] = weakref.ref(value)
+        with contextlib.suppress(TypeError):
+            self.attributes.setdefault(id(owner), (weakref.ref(owner), before))
 
     @staticmethod
     def _first_items(value: Any) -> Iterator[Any]:
@@ -480,16 +502,19 @@ class Ledger:
         one the cell added is removed; one whose earlier value is gone keeps
         the new tensor (the only value left), and the report says so.
         """
-        for name, ref in self.models:
-            module = ref()
-            if module is None:
+        for name, ref in self.models + self.holders:
+            owner = ref()
+            if owner is None:
                 continue
             count = nbytes = 0
-            for sub in module.modules():
+            subs = owner.modules() if isinstance(owner, torch.nn.Module) else [owner]
+            for sub in subs:
                 recorded = self.attributes.get(id(sub))
                 before = recorded[1] if recorded is not None and recorded[0]() is sub else None
                 for attr, value in list(vars(sub).items()):
-                    if attr.startswith("_") or not isinstance(value, torch.Tensor):
+                    if not isinstance(value, torch.Tensor) or (
+                        attr.startswith("_") and isinstance(sub, torch.nn.Module)
+                    ):
                         continue
                     if self.old.object_key(value) is not None or self.old.storage_key(value) is not None:
                         continue
