@@ -376,3 +376,52 @@ def test_a_batch_the_cell_loops_over_gets_no_line_that_changes_nothing(shell: An
     assert not [s for s in report.suggestions if s.params.get("variable") == "bs"]
     dropped = [n for n in report.notes if n.startswith("the cell sets `bs` in its own loop")]
     assert all("change the loop's values to" in n for n in dropped)
+
+
+def test_when_nothing_fits_alone_the_combination_is_searched_and_verified() -> None:
+    """bf16 alone saves too little and the batch cannot go low enough alone (a fixed 100 MiB of
+    activations): together they fit, at the largest batch the dry runs allow."""
+    from oomnb.analysis.advisor import advise
+    from oomnb.analysis.estimator import DryRun
+    from oomnb.model.report import DeviceInfo, OomInfo, Report
+
+    calls: list[tuple[int, bool]] = []
+
+    def run_cell(overrides: dict[str, Any], source: str | None = None, **options: Any) -> DryRun:
+        batch = overrides.get("bs", 64)
+        if source is not None:  # the literal edit of `bs = 64`
+            batch = int(source.split("bs = ")[1].split("\n")[0])
+        half = options.get("autocast") is not None
+        calls.append((batch, half))
+        peak = (100 * MiB + batch * MiB) // (2 if half else 1)
+        return DryRun(batch, peak, 0, 0, 0, 0, 0, 0)
+
+    capacity = 80 * MiB
+    report = Report(
+        cell=1,
+        device=DeviceInfo("simulated", "simulated", 0, capacity),
+        baseline_bytes=0,
+        end_bytes=0,
+        peak_bytes=70 * MiB,
+        reserved_bytes=0,
+        duration_s=0.1,
+        oom=OomInfo(32 * MiB, 0, capacity, "out of memory"),
+    )
+    cell = "bs = 64\nx = torch.randn(bs, 1024)\nmodel(x).sum().backward()"
+    advice = advise(report, run_cell=run_cell, cell_source=cell, bf16=True)
+    top = advice.suggestions[0]
+    assert top.kind == "combination" and top.fits is True and top.apply == "replace_cell"
+    # 50 MiB + b/2 MiB <= 76 MiB (5% kept free): b = 52, the largest, verified by its own dry run
+    assert top.params == {
+        "kinds": ["mixed_precision", "batch_size"],
+        "dtype": "bf16",
+        "variable": "bs",
+        "value": 52,
+    }
+    assert (52, True) in calls and (53, True) in calls
+    assert top.code.splitlines()[:2] == ['with torch.autocast("cpu", dtype=torch.bfloat16):', "    bs = 52"]
+    assert top.saves_bytes == (164 - 76) * MiB
+    # alone, neither fits: bf16 saves 82 of the 88 MiB needed; no batch fits without it
+    precision = next(s for s in advice.suggestions if s.kind == "mixed_precision")
+    assert precision.fits is False and precision.saves_bytes == 82 * MiB
+    assert not any(s.kind == "batch_size" for s in advice.suggestions)
