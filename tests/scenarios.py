@@ -100,7 +100,9 @@ model = nn.Sequential(*[Block() for _ in range(6)])
 opt = torch.optim.SGD(model.parameters(), lr=0.01)
 """
 
-TRAINER = GPT2 + """
+TRAINER = (
+    GPT2
+    + """
 import tempfile
 from transformers import Trainer, TrainingArguments
 class Tokens(torch.utils.data.Dataset):
@@ -111,10 +113,11 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": ids}
 args = TrainingArguments(
     tempfile.mkdtemp(), per_device_train_batch_size=32, max_steps=2, use_cpu=True,
-    report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
+    report_to=[], save_strategy="no", logging_steps=1,
 )
 trainer = Trainer(model=model, args=args, train_dataset=Tokens())
 """
+)
 
 SCENARIOS = [
     Scenario(
@@ -216,7 +219,10 @@ SCENARIOS = [
         KEEPER + CELL + "print(model(torch.randn(4096, 512)).shape)",
         "x = torch.randn(1024, 512)\nmodel(x).sum().backward()\nopt.step()\nopt.zero_grad()",
         10,
-        frozenset({"free_references"}),
+        # Clearing them frees 64 MiB now, but forward stores them again: whether the cell then
+        # fits is unknown, so a measured change that fits ranks first; the attributes must be named.
+        frozenset({"free_references", "batch_size", "mixed_precision"}),
+        offered=frozenset({"free_references"}),
     ),
     Scenario(
         "a 4K image into a CNN",

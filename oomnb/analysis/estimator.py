@@ -19,8 +19,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import io
 import math
 import re
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -118,17 +121,59 @@ def _fake_copy(mode: FakeTensorMode, value: Any) -> Any:
     # A random generator (a DataLoader's sampler, a Trainer's) is shared, not
     # copied: its state cannot be restored into a fake tensor, and the copy
     # never runs anywhere the user's generator is seen.
+    # So are open files, streams and locks (a progress bar a Trainer's
+    # callback keeps): they cannot be copied, and a dry run's child has its
+    # descriptors on /dev/null anyway.
     dispatch: dict[type, Any] = copy._deepcopy_dispatch  # type: ignore[attr-defined]
-    previous = dispatch.get(torch.Generator)
-    dispatch[torch.Generator] = lambda generator, memo: generator
+    shared = _SHARED_TYPES + _loaded_shared_types()
+    previous = {kind: dispatch.get(kind) for kind in shared}
+    for kind in shared:
+        dispatch[kind] = _shared
     try:
         with FakeCopyMode(mode):
             return copy.deepcopy(value)
     finally:
-        if previous is None:
-            dispatch.pop(torch.Generator, None)
-        else:
-            dispatch[torch.Generator] = previous
+        for kind, before in previous.items():
+            if before is None:
+                dispatch.pop(kind, None)
+            else:
+                dispatch[kind] = before
+
+
+def _shared(value: Any, memo: Any) -> Any:
+    return value
+
+
+#: Library objects a dry run never needs copied, where those libraries are loaded: a
+#: Trainer's callbacks (progress bars with their streams) run in the loop, not in a step.
+_SHARED_BY_NAME = (
+    ("transformers.trainer_callback", "CallbackHandler"),
+    ("tqdm.std", "tqdm"),
+    ("tqdm.auto", "tqdm"),
+    ("tqdm.notebook", "tqdm_notebook"),
+)
+
+
+def _loaded_shared_types() -> tuple[type, ...]:
+    found = []
+    for module_name, name in _SHARED_BY_NAME:
+        module = sys.modules.get(module_name)
+        kind = getattr(module, name, None) if module is not None else None
+        if isinstance(kind, type):
+            found.append(kind)
+    return tuple(found)
+
+
+_SHARED_TYPES: tuple[type, ...] = (
+    torch.Generator,
+    io.TextIOWrapper,
+    io.BufferedWriter,
+    io.BufferedReader,
+    io.BufferedRandom,
+    io.FileIO,
+    type(threading.Lock()),
+    type(threading.RLock()),
+)
 
 
 def _resize_batch(mode: FakeTensorMode, value: Any, old: int | None, new: int | None, dim: int) -> Any:
