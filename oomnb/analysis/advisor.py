@@ -10,6 +10,7 @@ least intrusive change comes first.
 
 from __future__ import annotations
 
+import ast
 import keyword
 import math
 from collections.abc import Callable
@@ -136,10 +137,11 @@ def advise(
     (the first reading of the error's figures) are one of the sources.
     """
     capacity = report.device.capacity_bytes or (report.oom.capacity_bytes if report.oom else None)
-    # The cell will be rerun from what is allocated now: after an OOM that is
-    # at most the baseline, and less where recovery freed what held memory
-    # before the cell (the previous error's traceback).
-    baseline = min(report.baseline_bytes, report.end_bytes) if report.oom is not None else report.baseline_bytes
+    # The cell will be rerun from what is allocated now.
+    # That is what recovery left allocated: less than the baseline where it
+    # freed the last traceback, more where the failed cell grew something the
+    # user keeps (a list of losses), which the rerun starts from too.
+    baseline = report.end_bytes if report.oom is not None else report.baseline_bytes
     budget = int(capacity * (1 - margin)) if capacity else None
     batch_var = str(report.batch_var["name"]) if report.batch_var else None
     context = _Context(
@@ -210,7 +212,7 @@ def _rank(suggestions: list[Suggestion], deficit: int | None) -> list[Suggestion
     """Those that make the cell fit alone first, then those whose effect is unknown, then the rest;
     within each, the order of ``_PREFERENCE`` (same math, then numerics, then the experiment)."""
     for s in suggestions:
-        if s.fits is not None:
+        if s.fits is not None or s.params.pop("fit_unknown", False):
             continue
         if deficit is not None and deficit <= 0:
             s.fits = True
@@ -413,14 +415,16 @@ def _module_attribute_graphs(census: Census, module_roots: set[str]) -> list[Sug
                 title=f"`{where}` keep{'' if many else 's'} the last forward's activations ({format_bytes(total)})",
                 detail=f"A module stores a tensor on `self.{attribute}` in forward, with its grad_fn: it and "
                 f"its graph ({format_bytes(graphs)}) stay alive until the next forward replaces it, so one "
-                "step's activations are alive during the next. Clear them before the cell; in forward, "
-                f"store `h.detach()` (or nothing) instead.",
+                "step's activations are alive during the next. Clear them before the cell; the cell's own "
+                "forward stores them again, so in forward store `h.detach()` (or nothing) instead.",
                 saves_bytes=total,
-                params={"names": [root], "paths": [r.path for r in records], "action": "clear"},
                 code=f"for module in {root}.modules():  # forward sets `{attribute}` again, detach it there\n"
                 f'    if torch.is_tensor(module.__dict__.get("{attribute}")):\n'
                 f"        module.{attribute} = None",
                 source="measured",
+                # Freed now, but the cell's own forward stores them again: whether the cell then
+                # fits is not known from the census.
+                params={"names": [root], "paths": [r.path for r in records], "action": "clear", "fit_unknown": True},
             )
         )
     return found
@@ -803,7 +807,13 @@ def _gradient_bytes(as_is: DryRun, cell_source: str | None) -> int:
 
 
 def _weights_suggestions(
-    as_is: DryRun, capacity: int | None, margin: float, cell_source: str | None = None
+    as_is: DryRun,
+    capacity: int | None,
+    margin: float,
+    cell_source: str | None = None,
+    *,
+    model: str = "model",
+    optimizer: str = "opt",
 ) -> list[Suggestion]:
     grads = _gradient_bytes(as_is, cell_source)
     fixed = as_is.parameters_bytes + grads + as_is.optimizer_bytes
@@ -819,7 +829,9 @@ def _weights_suggestions(
                 detail="8-bit Adam keeps its two moments in one byte each instead of four.",
                 saves_bytes=saves,
                 params={"optimizer": "bitsandbytes.optim.AdamW8bit"},
-                code="import bitsandbytes as bnb\nopt = bnb.optim.AdamW8bit(model.parameters(), lr=lr)",
+                code="import bitsandbytes as bnb  # pip install bitsandbytes\n"
+                f"{optimizer} = bnb.optim.AdamW8bit({model}.parameters(), "
+                f'lr={optimizer}.param_groups[0]["lr"])',
                 source="rule",
                 apply="setup",
             )
@@ -830,7 +842,7 @@ def _weights_suggestions(
             title="Fine-tune a quantized model with adapters (QLoRA)",
             detail="4-bit weights take an eighth of fp32; only small adapters get gradients and state.",
             saves_bytes=int(as_is.parameters_bytes * 0.875 + grads + as_is.optimizer_bytes),
-            params={"bits": 4},
+            params={"bits": 4, "fit_unknown": True},  # a different model to load: nothing here measures it
             code="# transformers + peft: BitsAndBytesConfig(load_in_4bit=True), then get_peft_model(...)",
             source="rule",
             apply="setup",
@@ -846,7 +858,7 @@ def _weights_suggestions(
             f"over {gpus} GPUs.",
             saves_bytes=fixed - per_gpu,
             params={"gpus": gpus, "per_gpu_bytes": per_gpu},
-            code="from torch.distributed.fsdp import fully_shard\nfully_shard(model)  # under torchrun",
+            code=f"from torch.distributed.fsdp import fully_shard\nfully_shard({model})  # under torchrun",
             source="dry-run",
             apply="setup",
         )
@@ -892,7 +904,37 @@ def _summed_loss(context: _Context) -> list[Suggestion]:
 def _weights(context: _Context) -> list[Suggestion]:
     if context.as_is is None:
         return []
-    return _weights_suggestions(context.as_is, context.capacity, context.margin, context.cell_source)
+    model, optimizer = _model_and_optimizer(context)
+    return _weights_suggestions(
+        context.as_is, context.capacity, context.margin, context.cell_source, model=model, optimizer=optimizer
+    )
+
+
+def _model_and_optimizer(context: _Context) -> tuple[str, str]:
+    """The names the notebook uses: the biggest module the cell reaches, and what it calls ``step()`` on."""
+    model = "model"
+    if context.census is not None:
+        sizes: dict[str, int] = {}
+        for record in context.census.records:
+            if record.holder == "parameter" and (not context.cell_names or record.root in context.cell_names):
+                sizes[record.root] = sizes.get(record.root, 0) + record.nbytes
+        if sizes:
+            model = max(sizes, key=lambda name: sizes[name])
+    optimizer = "opt"
+    try:
+        tree = ast.parse(context.cell_source or "")
+    except SyntaxError:
+        tree = ast.Module(body=[], type_ignores=[])
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "step"
+            and isinstance(node.func.value, ast.Name)
+        ):
+            optimizer = node.func.value.id
+            break
+    return model, optimizer
 
 
 def _allocator(context: _Context) -> list[Suggestion]:

@@ -41,6 +41,7 @@ _SIZE_KEYWORDS = {
     "width",
     "resolution",
 }
+_BATCH_ARGS = {"batch_size", "per_device_train_batch_size", "per_device_eval_batch_size", "num_samples"}
 _NAME_HINTS = ("batch", "bs", "len", "seq", "token", "res", "height", "width", "size", "pixel", "img", "n_samples")
 
 
@@ -72,6 +73,8 @@ class Knob:
     shape: tuple[int, ...] = ()
     dims: tuple[int, ...] = ()
     floating: bool = True
+    #: Tensors of the same shape the cell reads with it (an attention mask with its ids): cut alike.
+    companions: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -92,7 +95,8 @@ class Knob:
             return run_cell({self.name: new}, **options)
         if self.how == "literal":
             return run_cell({}, source=replace_literal(cell_source or "", self.value, new), **options)
-        return run_cell({self.name: Resized(self.new_shape(new))}, **options)
+        shape = self.new_shape(new)
+        return run_cell({name: Resized(shape) for name in (self.name, *self.companions)}, **options)
 
     def change(self, cell_source: str | None, new: int) -> tuple[list[str], str | None]:
         """What the user runs: (lines to run first, the cell changed or None where it is unchanged)."""
@@ -102,15 +106,23 @@ class Knob:
             return [f"{self.name} = {new}"], None
         if self.how == "literal":
             return [], replace_literal(cell_source or "", self.value, new)
+        # The notebook's own tensor stays as it is: the cell reads a smaller copy.
         shape = self.new_shape(new)
-        if len(self.dims) == 2 and self.floating:
-            h, w = (shape[d] for d in self.dims)
-            return [
-                f"{self.name} = torch.nn.functional.interpolate({self.name}, size=({h}, {w}), "
-                'mode="bilinear", antialias=True)'
-            ], None
-        index = ", ".join(f":{shape[d]}" if d in self.dims else ":" for d in range(len(self.shape)))
-        return [f"{self.name} = {self.name}[{index}]"], None
+        first = []
+        renamed = cell_source or ""
+        for name in (self.name, *self.companions):
+            small = f"{name}_small"
+            if len(self.dims) == 2 and self.floating:
+                h, w = (shape[d] for d in self.dims)
+                first.append(
+                    f"{small} = torch.nn.functional.interpolate({name}, size=({h}, {w}), "
+                    'mode="bilinear", antialias=True)'
+                )
+            else:
+                index = ", ".join(f":{shape[d]}" if d in self.dims else ":" for d in range(len(self.shape)))
+                first.append(f"{small} = {name}[{index}]")
+            renamed = rename(renamed, name, small)
+        return [], "\n".join([*first, renamed])
 
     def snippet(self, cell_source: str | None, new: int) -> tuple[str, str]:
         """(code, how it applies) for this knob alone at ``new``."""
@@ -118,6 +130,27 @@ class Knob:
         if changed is not None:
             return "\n".join([*first, changed]), "replace_cell"
         return "\n".join(first), "run_first"
+
+
+def rename(source: str, old: str, new: str) -> str:
+    """``source`` with the variable ``old`` read as ``new`` (not attributes, not strings, not comments)."""
+    import io
+    import tokenize
+
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    except (tokenize.TokenError, SyntaxError):
+        return source
+    lines = source.splitlines(keepends=True)
+    spots = []
+    for i, tok in enumerate(tokens):
+        after_dot = i > 0 and tokens[i - 1].string == "."
+        if tok.type == tokenize.NAME and tok.string == old and not after_dot:
+            spots.append(tok.start)
+    for row, col in sorted(spots, reverse=True):
+        line = lines[row - 1]
+        lines[row - 1] = line[:col] + new + line[col + len(old) :]
+    return "".join(lines)
 
 
 def _factory_sizes(call: ast.Call) -> list[ast.expr]:
@@ -155,6 +188,10 @@ def _size_uses(tree: ast.AST) -> tuple[dict[str, int], dict[int, list[int]]]:
             for keyword in node.keywords:
                 if keyword.arg in _SIZE_KEYWORDS and isinstance(keyword.value, ast.Name):
                     names[keyword.value.id] = names.get(keyword.value.id, 0) + 1
+                elif keyword.arg in _SIZE_KEYWORDS and _is_size(keyword.value):
+                    # DataLoader(ds, batch_size=10000): a batch; max_length=4096: an input size
+                    position = 0 if keyword.arg in _BATCH_ARGS else 1
+                    literals.setdefault(keyword.value.value, []).append(position)  # type: ignore[attr-defined]
             for arg in node.args:  # train(model, bs): a size by its name only
                 if isinstance(arg, ast.Name) and any(hint in arg.id.lower() for hint in _NAME_HINTS):
                     names[arg.id] = names.get(arg.id, 0) + 1
@@ -166,15 +203,31 @@ def _size_uses(tree: ast.AST) -> tuple[dict[str, int], dict[int, list[int]]]:
     return names, literals
 
 
+def _is_size(node: ast.expr) -> bool:
+    return isinstance(node, ast.Constant) and type(node.value) is int and node.value >= 2
+
+
 def replace_literal(cell_source: str, old: int, new: int) -> str:
-    """The cell with every size ``old`` of its tensor factories made ``new``."""
+    """The cell with every size ``old`` of its tensor factories (and size keywords) made ``new``.
+
+    Edited in the text, where the literals stand: comments, quotes and line
+    breaks stay as the user wrote them.
+    """
     tree = ast.parse(cell_source)
+    spots: list[tuple[int, int, int]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
-            for arg in _factory_sizes(node):
-                if isinstance(arg, ast.Constant) and type(arg.value) is int and arg.value == old:
-                    arg.value = new
-    return ast.unparse(tree)
+            sized = list(_factory_sizes(node))
+            sized += [k.value for k in node.keywords if k.arg in _SIZE_KEYWORDS]
+            for arg in sized:
+                same = isinstance(arg, ast.Constant) and type(arg.value) is int and arg.value == old
+                if same and arg.end_lineno == arg.lineno and arg.end_col_offset is not None:
+                    spots.append((arg.lineno, arg.col_offset, arg.end_col_offset))
+    lines = cell_source.splitlines(keepends=True)
+    for lineno, start, end in sorted(set(spots), reverse=True):
+        raw = lines[lineno - 1].encode()  # ast offsets count UTF-8 bytes
+        lines[lineno - 1] = (raw[:start] + str(new).encode() + raw[end:]).decode()
+    return "".join(lines)
 
 
 def find_knobs(
@@ -234,7 +287,14 @@ def find_knobs(
         if value.is_floating_point() and value.dim() == 4 and min(shape[2:]) >= 128:
             knobs.append(Knob("tensor", name, max(shape[2:]), "input", shape=shape, dims=(2, 3)))
         elif not value.is_floating_point() and value.dim() == 2 and shape[1] >= 128:
-            knobs.append(Knob("tensor", name, shape[1], "input", shape=shape, dims=(1,), floating=False))
+            alike = tuple(
+                other
+                for other, v in namespace_values.items()
+                if other != name and isinstance(v, torch.Tensor) and tuple(v.shape) == shape
+            )
+            knobs.append(
+                Knob("tensor", name, shape[1], "input", shape=shape, dims=(1,), floating=False, companions=alike)
+            )
     return knobs[:limit]
 
 
