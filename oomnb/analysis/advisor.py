@@ -10,7 +10,6 @@ least intrusive change comes first.
 
 from __future__ import annotations
 
-import ast
 import keyword
 import math
 from collections.abc import Callable
@@ -21,7 +20,7 @@ import torch
 
 from ..model.report import Report, Suggestion
 from ..model.units import format_bytes
-from .cellsource import accumulation_cell, backward_per_micro_batch, loop_variables
+from .cellsource import accumulation_cell, backward_per_micro_batch, loop_variables, method_callers
 from .census import Census, TensorRecord
 from .estimator import BatchFit, DryRun, DryRunError, search_batch
 from .rules import EXPANDABLE_CODE
@@ -920,20 +919,8 @@ def _model_and_optimizer(context: _Context) -> tuple[str, str]:
                 sizes[record.root] = sizes.get(record.root, 0) + record.nbytes
         if sizes:
             model = max(sizes, key=lambda name: sizes[name])
-    optimizer = "opt"
-    try:
-        tree = ast.parse(context.cell_source or "")
-    except SyntaxError:
-        tree = ast.Module(body=[], type_ignores=[])
-    for node in ast.walk(tree):
-        if (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute)
-            and node.func.attr == "step"
-            and isinstance(node.func.value, ast.Name)
-        ):
-            optimizer = node.func.value.id
-            break
+    callers = method_callers(context.cell_source, "step")
+    optimizer = callers[0] if callers else "opt"
     return model, optimizer
 
 

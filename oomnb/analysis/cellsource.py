@@ -18,6 +18,7 @@ __all__ = [
     "edit_in_cell",
     "edit_in_cell_source",
     "loop_variables",
+    "method_callers",
     "override_assignments",
     "variable_role",
 ]
@@ -102,6 +103,24 @@ def edit_in_cell(suggestion: Any, source: str | None, raw_cell: str | None) -> N
         suggestion.code = "\n".join(lines)
     else:
         suggestion.code = f"# line {number} of the cell, instead of: {old.strip()}\n{new}"
+
+
+def method_callers(source: str | None, method: str) -> list[str]:
+    """The variables the cell calls ``method`` on (``opt`` for ``opt.step()``), in the order they appear."""
+    try:
+        tree = ast.parse(source or "")
+    except SyntaxError:
+        return []
+    calls = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == method
+        and isinstance(node.func.value, ast.Name)
+    ]
+    calls.sort(key=lambda node: (node.lineno, node.col_offset))
+    return [node.func.value.id for node in calls]  # type: ignore[attr-defined]
 
 
 def edit_in_cell_source(source: str, name: str, value: Any) -> str:

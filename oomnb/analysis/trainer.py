@@ -11,7 +11,6 @@ was built), run once before ``trainer.train()`` again.
 
 from __future__ import annotations
 
-import ast
 import math
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 
 from ..model.report import Suggestion
 from ..model.units import format_bytes
+from .cellsource import method_callers
 from .estimator import DryRun, DryRunError, search_batch
 
 __all__ = ["is_trainer", "trainer_called", "trainer_suggestions"]
@@ -48,20 +48,7 @@ def is_trainer(value: Any) -> bool:
 
 def trainer_called(cell_source: str | None, names: list[str]) -> str | None:
     """The name of the trainer whose ``.train()`` the cell calls, if any."""
-    try:
-        tree = ast.parse(cell_source or "")
-    except SyntaxError:
-        return None
-    for node in ast.walk(tree):
-        if (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute)
-            and node.func.attr == "train"
-            and isinstance(node.func.value, ast.Name)
-            and node.func.value.id in names
-        ):
-            return node.func.value.id
-    return None
+    return next((name for name in method_callers(cell_source, "train") if name in names), None)
 
 
 def _batch_lines(t: str, batch: int, steps: int | None = None) -> list[str]:
