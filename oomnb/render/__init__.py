@@ -1,0 +1,1 @@
+"""Reports rendered for people: text and HTML (the lab extension renders the JSON itself)."""
