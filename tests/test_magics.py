@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import sys
 from typing import Any
@@ -198,16 +199,71 @@ def test_config_limit_applies_to_every_cell(shell: Any) -> None:
 def test_auto_mode_logs_every_cell(shell: Any) -> None:
     shell.run("%gpumem auto on")
     result = shell.run("a = torch.ones(1024)")
-    assert "delta +4.00 KiB" in result.captured.stdout
+    # One line of text, and the whole report as JSON (marked compact) so the sidebar shows it.
+    (shown,) = result.captured.outputs
+    assert "delta +4.00 KiB" in shown.data["text/plain"] and "\n" not in shown.data["text/plain"]
+    assert shown.data[MIME_TYPE]["delta_bytes"] == 4096
+    assert shown.metadata == {MIME_TYPE: {"compact": True}}
+    jsonschema.validate(shown.data[MIME_TYPE], load_schema())
     report = oomnb.last_report()
     assert report is not None and report.delta_bytes == 4096
-    oom = shell.run('%config GpuMem.limit = "1MiB"')
+    shell.run('%config GpuMem.limit = "1MiB"')
     oom = shell.run("b = torch.ones(1024 * 1024)")
-    assert "OUT OF MEMORY" in oom.captured.stdout
+    (shown,) = report_bundles(oom)
+    assert "OUT OF MEMORY" in shown["text/plain"]
+    report = oomnb.last_report()
+    assert report is not None and report.oom is not None
+    assert report.story() in shown["text/plain"] and html.escape(report.story()) in shown["text/html"]
+    assert shown[MIME_TYPE]["oom"]["needs_bytes"] == report.oom.needs_bytes
     assert not hasattr(sys, "last_traceback")  # recovery dropped what IPython kept
     shell.run('%config GpuMem.limit = ""')
     shell.run("%gpumem auto off")
-    assert "delta" not in shell.run("c = 1").captured.stdout
+    assert not shell.run("c = 1").captured.outputs
+
+
+def test_oom_story_is_one_line_told_alike_everywhere(shell: Any) -> None:
+    """needs (a dry run of the whole cell), has (95% of the device), short by: once, in text and HTML."""
+    baseline = shell.allocated()
+    capacity = baseline + 8 * MiB
+    result = shell.run(f"%%gpumem --limit {capacity}\nx = torch.ones(1024 * 1024)\ny = torch.ones(2 * 1024 * 1024)")
+    report = oomnb.last_report()
+    assert report is not None and report.oom is not None
+    oom = report.oom
+    assert (oom.needs_bytes, oom.has_bytes, oom.needs_at_least) == (baseline + 12 * MiB, int(capacity * 0.95), False)
+    short = baseline + 12 * MiB - int(capacity * 0.95)
+    story = (
+        f"needs {oomnb.format_bytes(baseline + 12 * MiB)}, has {oomnb.format_bytes(int(capacity * 0.95))} "
+        f"of {oomnb.format_bytes(capacity)}, short by {oomnb.format_bytes(short)}"
+    )
+    assert report.story() == story
+    (shown,) = report_bundles(result)
+    text, page = shown["text/plain"], shown["text/html"]
+    assert f"OUT OF MEMORY (OutOfMemoryError allocating 8.00 MiB): {story}" in text
+    # One shortfall and one "free" figure (what is free now), not the error's own.
+    assert text.count("short by") == 1 and "over by" not in text and text.count("free") == 1
+    assert "rolled back: x" in text and "CUDA out of memory" not in text
+    assert html.escape(story) in page and page.count("short by") == 1 and "OutOfMemoryError" in page
+    assert "rolled back: x" in page
+    message = "<details><summary style='cursor:pointer'>error message</summary>"
+    assert message + "<pre" in page and "CUDA out of memory. Tried to allocate 8.00 MiB" in page.split(message)[1]
+    assert shown[MIME_TYPE]["oom"]["needs_bytes"] == baseline + 12 * MiB
+
+
+def test_oom_story_without_a_dry_run_is_a_lower_bound(shell: Any) -> None:
+    baseline = shell.allocated()
+    capacity = baseline + 8 * MiB
+    # .item() reads data, which fake tensors answer with 1: the dry run cannot be trusted.
+    cell = "x = torch.ones(1024 * 1024)\nv = int(x.sum().item())\ny = torch.ones(v, 2)"
+    shell.run(f"%%gpumem --limit {capacity}\n{cell}")
+    report = oomnb.last_report()
+    assert report is not None and report.oom is not None
+    assert any("less than the 12.00 MiB the cell reached before it failed" in n for n in report.notes), report.notes
+    needs, has = baseline + 4 * MiB + 8 * MiB, int(capacity * 0.95)
+    assert (report.oom.needs_bytes, report.oom.has_bytes, report.oom.needs_at_least) == (needs, has, True)
+    assert report.story() == (
+        f"needs at least {oomnb.format_bytes(needs)}, has {oomnb.format_bytes(has)} of "
+        f"{oomnb.format_bytes(capacity)}, short by at least {oomnb.format_bytes(needs - has)}"
+    )
 
 
 def test_load_twice_unload_load_again(shell: Any) -> None:

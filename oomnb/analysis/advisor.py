@@ -23,7 +23,7 @@ from ..model.units import format_bytes
 from .cellsource import accumulation_cell, backward_per_micro_batch, loop_variables, method_callers
 from .census import Census, TensorRecord
 from .estimator import BatchFit, DryRun, DryRunError, search_batch
-from .rules import EXPANDABLE_CODE
+from .rules import EXPANDABLE_CODE, MARGIN, failure_lower_bound
 from .sizes import Knob, find_knobs
 from .trainer import trainer_called, trainer_suggestions
 
@@ -69,6 +69,9 @@ class Advice:
     deficit_bytes: int | None
     batch_fit: BatchFit | None = None
     notes: list[str] = field(default_factory=list)
+    #: ``needed_bytes`` comes from a dry run of the whole cell (else it is
+    #: the lower bound the failure gives).
+    needs_measured: bool = False
 
 
 def _predicted(run: DryRun, baseline: int) -> int:
@@ -116,7 +119,7 @@ def advise(
     run_cell: CellRunner | None = None,
     cell_names: set[str] | None = None,
     bf16: bool | None = None,
-    margin: float = 0.05,
+    margin: float = MARGIN,
     probe: CellProbe | None = None,
     split_models: dict[str, Any] | None = None,
     cell_source: str | None = None,
@@ -185,9 +188,13 @@ def advise(
             needed = _predicted(context.as_is, baseline)
         except DryRunError as exc:
             context.notes.append(f"dry run not possible: {exc}")
-    if needed is None and report.oom is not None and report.oom.requested_bytes is not None:
+    if context.as_is is not None and _short_of_the_failure(context.as_is, report, context.notes):
+        # Its what-ifs would be measured the same wrong way: no dry-run advice.
+        context.as_is, context.found, needed = None, [], None
+    measured = needed is not None
+    if needed is None and report.oom is not None:
         # The cell did not finish: it needed at least this much.
-        needed = report.peak_bytes + report.oom.requested_bytes
+        needed = failure_lower_bound(report)
     deficit = (needed - budget) if needed is not None and budget is not None else None
     first_reading = list(report.suggestions)
     for name, source in sources:
@@ -204,7 +211,28 @@ def advise(
     for suggestion in ranked:
         _no_line_for_a_loop(suggestion, cell_source, context.notes)
     ranked = [s for s in ranked if not s.params.get("looped")]
-    return Advice(ranked, needed, budget, deficit, context.fit, context.notes)
+    return Advice(ranked, needed, budget, deficit, context.fit, context.notes, measured)
+
+
+def _short_of_the_failure(run: DryRun, report: Report, notes: list[str]) -> bool:
+    """Whether the dry run of the whole cell grew by less than the real cell did before it failed.
+
+    Then the dry run did not do what the cell does (typically a size read from
+    data with ``.item()``, which fake tensors answer with 1), and its figures
+    are not to be trusted.
+    """
+    lower = failure_lower_bound(report)
+    if lower is None:
+        return False
+    real_growth = lower - report.baseline_bytes
+    dry_growth = max(0, run.peak_bytes - run.start_bytes)
+    if dry_growth >= real_growth:
+        return False
+    notes.append(
+        f"the dry run grew by {format_bytes(dry_growth)}, less than the {format_bytes(real_growth)} the cell "
+        "reached before it failed (a size read from data?): its figures were not used"
+    )
+    return True
 
 
 def _rank(suggestions: list[Suggestion], deficit: int | None) -> list[Suggestion]:
@@ -863,22 +891,6 @@ def _weights_suggestions(
         )
     )
     return found
-
-
-def describe(advice: Advice) -> list[str]:
-    """A few lines on what the ranking was based on."""
-    lines = []
-    if advice.needed_bytes is not None and advice.budget_bytes is not None:
-        lines.append(
-            f"needs {format_bytes(advice.needed_bytes)}, budget {format_bytes(advice.budget_bytes)}"
-            + (
-                f", short by {format_bytes(advice.deficit_bytes)}"
-                if advice.deficit_bytes and advice.deficit_bytes > 0
-                else ""
-            )
-        )
-    lines.extend(advice.notes)
-    return lines
 
 
 # -- the sources, in order --------------------------------------------------------------

@@ -6,16 +6,41 @@ measured by dry runs; these rules say what the numbers already show.
 
 from __future__ import annotations
 
-from ..model.report import OomInfo, Suggestion
+from ..model.report import OomInfo, Report, Suggestion
 from ..model.units import MiB, format_bytes
 
-__all__ = ["diagnose"]
+__all__ = ["MARGIN", "diagnose", "failure_lower_bound", "set_lower_bound_story"]
 
 EXPANDABLE_CODE = (
     "# Must be set before CUDA starts: first cell of the notebook, or restart the kernel.\n"
     "import os\n"
     'os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"'
 )
+
+
+#: The share of the device advice keeps free (the allocator's rounding and
+#: cache need some): a change "fits" when the cell's need is within the rest.
+MARGIN = 0.05
+
+
+def failure_lower_bound(report: Report) -> int | None:
+    """What a cell that failed needed at least: its peak, or what was allocated when
+    the failing request came plus that request, whichever is more."""
+    oom = report.oom
+    if oom is None or oom.requested_bytes is None:
+        return None
+    at_failure = oom.allocated_bytes if oom.allocated_bytes is not None else report.peak_bytes
+    return max(report.peak_bytes, at_failure + oom.requested_bytes)
+
+
+def set_lower_bound_story(report: Report) -> None:
+    """The story a failed cell tells before any dry run: it needs at least what the failure shows."""
+    oom = report.oom
+    capacity = report.device.capacity_bytes or (oom.capacity_bytes if oom else None)
+    needs = failure_lower_bound(report)
+    if oom is None or needs is None or not capacity:
+        return
+    oom.needs_bytes, oom.has_bytes, oom.needs_at_least = needs, int(capacity * (1 - MARGIN)), True
 
 
 def diagnose(
@@ -87,8 +112,9 @@ def diagnose(
     if capacity and cell_bytes and not reasons:
         available = max(0, capacity - baseline_bytes)
         reasons.append(
-            f"This cell needed at least {format_bytes(cell_bytes)} on top of a baseline of "
-            f"{format_bytes(baseline_bytes)}, but only {format_bytes(available)} was available."
+            f"The cell's own tensors are the problem: earlier cells keep only {format_bytes(baseline_bytes)} "
+            f"({100 * baseline_bytes / capacity:.0f}% of the device), so a smaller batch or input, lower "
+            "precision or recomputed activations is what makes it fit."
         )
         value = batch_var.get("value") if batch_var else None
         if batch_var is not None and isinstance(value, int) and not isinstance(value, bool) and value > 1:
@@ -102,8 +128,7 @@ def diagnose(
                 Suggestion(
                     kind="batch_size",
                     title=f"Lower {name} to at most {guess}",
-                    detail=f"If memory grows with the batch, {name}={value} needs at least "
-                    f"{format_bytes(cell_bytes)}; {format_bytes(available)} is available. "
+                    detail="Scaled down from where the cell failed, if memory grows with the batch; "
                     "`%gpumem advise` measures the exact value by dry runs.",
                     saves_bytes=None,
                     params={"variable": name, "value": guess, "accumulation_steps": -(-value // guess)},

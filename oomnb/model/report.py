@@ -84,6 +84,21 @@ class OomInfo:
     diagnosis: str = ""
     #: Memory in use on the GPU by other processes (CUDA messages only).
     other_processes_bytes: int | None = None
+    #: The one story every rendering tells, "needs X, has Y, short by Z":
+    #: the device total the cell needs at its peak (measured by a dry run of
+    #: the whole cell, or, where none ran, the lower bound the failure gives),
+    #: and what the device has for it (the figure advice is checked against).
+    needs_bytes: int | None = None
+    has_bytes: int | None = None
+    #: ``needs_bytes`` is a lower bound: the cell failed before its peak.
+    needs_at_least: bool = False
+
+    @property
+    def short_by_bytes(self) -> int | None:
+        """How much more the cell needs than the device has (negative: to spare)."""
+        if self.needs_bytes is None or self.has_bytes is None:
+            return None
+        return self.needs_bytes - self.has_bytes
 
 
 @dataclass
@@ -230,6 +245,12 @@ class Report:
         from ..render.report import to_html
 
         return to_html(self)
+
+    def story(self) -> str:
+        """ "needs X, has Y of Z, short by W": the line every rendering tells of an OOM ("" without one)."""
+        from ..render.report import story
+
+        return story(self)
 
     def mime_bundle(self) -> dict[str, Any]:
         """The display bundle: text, HTML and the JSON every frontend reads."""

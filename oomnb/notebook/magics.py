@@ -21,7 +21,7 @@ from IPython.display import display
 from traitlets import Bool, Float, TraitError, Unicode, observe, validate
 
 from ..backends import Backend, get_backend, limited
-from ..model.report import Report
+from ..model.report import MIME_TYPE, Report
 from ..model.units import Card, format_bytes, parse_limit
 from . import history
 from .pipeline import (
@@ -608,10 +608,13 @@ class GpuMem(Magics):
         if self.auto_output == "report":
             self._publish(report, quiet=False)
             return
+        from ..render.report import compact_html, compact_text
+
         history.record(report)
-        print(report.headline())
-        if report.oom is not None:
-            print("  " + report.oom.diagnosis)
+        # The whole report travels as JSON, so the sidebar shows it; frontends
+        # draw it compact (the metadata says so), the text is one line.
+        bundle = {"text/plain": compact_text(report), "text/html": compact_html(report), MIME_TYPE: report.to_dict()}
+        display(bundle, metadata={MIME_TYPE: {"compact": True}}, raw=True)
 
 
 def show_from_cell_once(shell: Any, filename: str) -> None:

@@ -273,6 +273,8 @@ class CellRun:
                 simulated=backend.kind == "simulated",
                 batch_var=report.batch_var,
             )
+        with guarded(notes, "tell what the cell needed"):
+            rules.set_lower_bound_story(report)
         with guarded(notes, "release the error's frames"):
             recovery.release_exception(exc)
         with guarded(notes, "roll back what the failed cell created"):
@@ -441,7 +443,7 @@ def advise_cell(
     trainers: dict[str, Any] | None = None,
 ) -> None:
     """Put the advisor's ranked, measured suggestions into ``report`` (guarded by the caller)."""
-    from ..analysis.advisor import advise, describe
+    from ..analysis.advisor import advise
 
     backend = isolation.backend
     runner = isolation.run_cell if CAN_ISOLATE else None
@@ -480,13 +482,15 @@ def advise_cell(
                 apply="replace_cell",
             ),
         )
-    extra = [line for line in describe(advice) if line != isolation.spent_note]
     if not CAN_ISOLATE:
         report.notes.append("advice without dry runs: this platform cannot fork, and oomnb never reruns a cell")
-    if isolation.spent_note:
+    report.notes.extend(note for note in advice.notes if note not in report.notes)
+    if isolation.spent_note and isolation.spent_note not in report.notes:
         report.notes.append(isolation.spent_note)
-    if report.oom is not None and extra:
-        report.oom.diagnosis = (report.oom.diagnosis + " Advisor: " + "; ".join(extra) + ".").strip()
+    oom = report.oom
+    if oom is not None and advice.needed_bytes is not None and advice.budget_bytes is not None:
+        oom.needs_bytes, oom.has_bytes = advice.needed_bytes, advice.budget_bytes
+        oom.needs_at_least = not advice.needs_measured
 
 
 def dry_run_report(run: CellRun, isolation: Isolation) -> Report:
