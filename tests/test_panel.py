@@ -339,3 +339,17 @@ def test_counts_are_singular_or_plural(shell: Any) -> None:
     panel.update()
     assert rows_by_value(panel)["model"].strip() == "4.50 KiB  model  (2 tensors: parameter)"
     assert "3 storages reachable" in panel.summary.value
+
+
+def test_device_bar_is_drawn_only_against_a_limit(shell: Any) -> None:
+    """With no limit there is nothing to fill: the panel says so instead of drawing a full bar."""
+    shell.run('%config GpuMem.limit = ""')
+    shell.run(f"held = torch.ones({MiB})")
+    panel = panel_for(shell)
+    assert "no limit" in panel.device_bar.value and "width:" not in panel.device_bar.value
+    shell.run('%config GpuMem.limit = "64MiB"')
+    panel = panel_for(shell)
+    allocated = shell.allocated()
+    assert "capacity 64.00 MiB" in panel.device_bar.value
+    assert f"width:{100.0 * allocated / (64 * MiB):.2f}%" in panel.device_bar.value
+    shell.run('%config GpuMem.limit = ""')

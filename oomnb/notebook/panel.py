@@ -63,13 +63,19 @@ def _bar_html(backend: Backend) -> str:
         return f"{100.0 * value / scale:.2f}%"
 
     kind = "simulated on the CPU" if backend.kind == "simulated" else "CUDA"
-    cap = format_bytes(capacity) if capacity is not None else "no limit"
-    return (
+    head = (
         "<div style='font-size:12px'>"
         f"<b>{html.escape(backend.name)}</b> ({kind}) · allocated <b>{format_bytes(snap.allocated_bytes)}</b>"
-        f" · reserved {format_bytes(snap.reserved_bytes)} · capacity {cap}"
-        "<div style='position:relative;height:12px;background:#e5e7eb;border-radius:3px;margin:3px 0 6px 0'>"
-        f"<div style='position:absolute;height:12px;width:{width(snap.reserved_bytes)};background:#bfdbfe'></div>"
+        f" · reserved {format_bytes(snap.reserved_bytes)}"
+    )
+    if capacity is None:
+        # Nothing to fill: a bar would be drawn full whatever the figures.
+        return head + " · no limit (<code>%gpumem limit T4</code> simulates a card)</div>"
+    return (
+        head + f" · capacity {format_bytes(capacity)}"
+        "<div style='position:relative;height:12px;background:rgba(128,128,128,0.25);border-radius:3px;"
+        "margin:3px 0 6px 0'>"
+        f"<div style='position:absolute;height:12px;width:{width(snap.reserved_bytes)};background:#93c5fd'></div>"
         f"<div style='position:absolute;height:12px;width:{width(snap.allocated_bytes)};background:#2563eb'></div>"
         "</div></div>"
     )
