@@ -5,8 +5,8 @@
 import { IRenderMime } from '@jupyterlab/rendermime-interfaces';
 import { Widget } from '@lumino/widgets';
 
-import { MIME_TYPE, parseReport } from './model';
-import { el, renderReport, renderSuggestions } from './view';
+import { IReport, MIME_TYPE, parseReport } from './model';
+import { el, renderCompact, renderReport, renderSuggestions } from './view';
 
 /** A widget that renders one report. */
 export class ReportRenderer extends Widget implements IRenderMime.IRenderer {
@@ -15,17 +15,34 @@ export class ReportRenderer extends Widget implements IRenderMime.IRenderer {
     this.addClass('oomnb-inline');
   }
 
-  /** Render the report's JSON (validated; a bad report is one line of notice). */
+  /**
+   * Render the report's JSON (validated; a bad report is one line of notice).
+   * Auto mode marks its reports compact in the output's metadata: one line
+   * that opens to the whole report.
+   */
   renderModel(model: IRenderMime.IMimeModel): Promise<void> {
     this.node.textContent = '';
     const parsed = parseReport(model.data[MIME_TYPE]);
     if (parsed.error !== undefined) {
       this.node.appendChild(el('div', 'oomnb-notice', parsed.error));
-    } else if (parsed.report) {
-      this.node.appendChild(renderReport(parsed.report));
-      if (parsed.report.suggestions.length) {
-        this.node.appendChild(renderSuggestions(parsed.report.suggestions));
+      return Promise.resolve();
+    }
+    const report = parsed.report as IReport;
+    const full = (): HTMLElement => {
+      const box = el('div');
+      box.appendChild(renderReport(report));
+      if (report.suggestions.length) {
+        box.appendChild(renderSuggestions(report.suggestions));
       }
+      return box;
+    };
+    const meta = model.metadata[MIME_TYPE] as { compact?: boolean } | undefined;
+    if (meta && meta.compact) {
+      this.addClass('oomnb-inline-compact');
+      this.node.appendChild(renderCompact(report, full));
+    } else {
+      this.removeClass('oomnb-inline-compact');
+      this.node.appendChild(full());
     }
     return Promise.resolve();
   }

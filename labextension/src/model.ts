@@ -28,6 +28,10 @@ export interface IOom {
   over_bytes?: number | null;
   diagnosis?: string;
   exception_type?: string;
+  /** The story: the device total the cell needs, what the device has for it. */
+  needs_bytes?: number | null;
+  has_bytes?: number | null;
+  needs_at_least?: boolean;
 }
 
 /** The vocabulary of suggestion kinds: the JSON Schema's enum (a test checks they agree). */
@@ -85,6 +89,7 @@ export interface IReport {
   released_names?: string[];
   suggestions: ISuggestion[];
   dry_run?: boolean;
+  notes?: string[];
 }
 
 /** The outcome of reading one output's JSON. */
@@ -153,7 +158,9 @@ export function parseReport(data: unknown): IParsed {
     (!isObject(oom) ||
       typeof oom.message !== 'string' ||
       !isCountOrNull(oom.requested_bytes) ||
-      !isCountOrNull(oom.free_bytes))
+      !isCountOrNull(oom.free_bytes) ||
+      !isCountOrNull(oom.needs_bytes ?? null) ||
+      !isCountOrNull(oom.has_bytes ?? null))
   ) {
     return { error: 'oomnb report: malformed "oom"' };
   }
@@ -187,77 +194,245 @@ export interface IHistoryPoint {
   oom: boolean;
 }
 
-/** A report found in a notebook's outputs. */
+/** A report output found in a notebook. */
 export interface IFound {
   cellIndex: number;
   data: unknown;
+  /**
+   * What identifies this output while it lives (its output model): a cell run
+   * again gets new outputs, so a new key. Defaults to `data`.
+   */
+  key?: object;
 }
 
 /** What the sidebar shows for a notebook: its latest report and the per-cell history. */
 export interface INotebookState {
   latest: IReport | null;
   latestCellIndex: number | null;
+  /** The latest report's arrival number (0 without one). */
+  latestArrival: number;
   history: IHistoryPoint[];
+  /** The history is what the notebook was saved with (nothing ran since the kernel started). */
+  historySaved: boolean;
   errors: string[];
 }
 
+/** The state of a notebook with no reports. */
+export const EMPTY_STATE: INotebookState = {
+  latest: null,
+  latestCellIndex: null,
+  latestArrival: 0,
+  history: [],
+  historySaved: false,
+  errors: []
+};
+
 /**
- * Read every report found in a notebook's outputs. The latest report is the
- * one with the highest execution count (the last to run, wherever it sits);
- * the history has one point per cell, in notebook order.
+ * The reports of one notebook in the order they arrived, not by execution
+ * count (a restarted kernel numbers cells from 1 again, below the saved ones).
+ *
+ * Outputs seen at the first read (a saved notebook) arrive in document order,
+ * so the latest is the last saved report in the document; every output that
+ * appears later (a cell run now, in `%%gpumem` or auto mode) arrives after
+ * them. The history is the current kernel session's reports, one per cell.
  */
-export function notebookState(found: IFound[]): INotebookState {
-  const state: INotebookState = {
-    latest: null,
-    latestCellIndex: null,
-    history: [],
-    errors: []
-  };
-  const byCell = new Map<number, IReport>();
-  for (const item of found) {
-    const parsed = parseReport(item.data);
-    if (parsed.error !== undefined) {
-      if (!state.errors.includes(parsed.error)) {
-        state.errors.push(parsed.error);
-      }
-      continue;
-    }
-    const report = parsed.report as IReport;
-    byCell.set(item.cellIndex, report);
-    const newer =
-      state.latest === null ||
-      (report.cell ?? -1) >= (state.latest.cell ?? -1);
-    if (newer) {
-      state.latest = report;
-      state.latestCellIndex = item.cellIndex;
-    }
+export class ReportLog {
+  private arrivals = new WeakMap<object, number>();
+  private count = 0;
+  private sessionStart = 0;
+  private firstRead = true;
+
+  /** A new kernel session (a restart, another kernel): the history starts again. */
+  newSession(): void {
+    this.sessionStart = this.count;
+    this.restarted = true;
   }
-  state.history = [...byCell.entries()]
-    .sort((a, b) => a[0] - b[0])
-    .map(([cellIndex, report]) => ({
-      cellIndex,
-      executionCount: report.cell,
-      peakBytes: report.peak_bytes,
-      oom: report.oom !== null
-    }));
-  return state;
+
+  /** A kernel session started since the notebook was opened: saved reports are no longer charted. */
+  private restarted = false;
+
+  /** The arrival number of each output, assigned on first sight. */
+  private arrival(item: IFound): number {
+    const key = (item.key ?? item.data) as object;
+    let seen = this.arrivals.get(key);
+    if (seen === undefined) {
+      seen = ++this.count;
+      this.arrivals.set(key, seen);
+    }
+    return seen;
+  }
+
+  /** Read the reports found now (in document order) into what the sidebar shows. */
+  read(found: IFound[]): INotebookState {
+    const state: INotebookState = { ...EMPTY_STATE, history: [], errors: [] };
+    const session = new Map<number, [number, IReport]>();
+    const saved = new Map<number, [number, IReport]>();
+    for (const item of found) {
+      const arrival = this.arrival(item);
+      const parsed = parseReport(item.data);
+      if (parsed.error !== undefined) {
+        if (!state.errors.includes(parsed.error)) {
+          state.errors.push(parsed.error);
+        }
+        continue;
+      }
+      const report = parsed.report as IReport;
+      if (arrival > state.latestArrival) {
+        state.latestArrival = arrival;
+        state.latest = report;
+        state.latestCellIndex = item.cellIndex;
+      }
+      const into = arrival > this.sessionStart ? session : saved;
+      const known = into.get(item.cellIndex);
+      if (!known || known[0] < arrival) {
+        into.set(item.cellIndex, [arrival, report]);
+      }
+    }
+    if (this.firstRead) {
+      // What the notebook was opened with is saved, not this session's.
+      this.firstRead = false;
+      this.sessionStart = this.count;
+      saved.clear();
+      for (const [cellIndex, entry] of session) {
+        saved.set(cellIndex, entry);
+      }
+      session.clear();
+    }
+    state.historySaved = !this.restarted && session.size === 0 && saved.size > 0;
+    const points = state.historySaved ? saved : session;
+    state.history = [...points.entries()]
+      .sort((a, b) => a[0] - b[0])
+      .map(([cellIndex, [, report]]) => ({
+        cellIndex,
+        executionCount: report.cell,
+        peakBytes: report.peak_bytes,
+        oom: report.oom !== null
+      }));
+    return state;
+  }
+
+  /** How many outputs have arrived (the sidebar redraws only when this or the layout changes). */
+  get arrived(): number {
+    return this.count;
+  }
 }
 
-/** Bytes as the Python side writes them: 4096 -> "4.00 KiB". */
-export function formatBytes(value: number | null | undefined): string {
+/** The state of a notebook read once, as a fresh sidebar would (saved outputs in document order). */
+export function notebookState(found: IFound[]): INotebookState {
+  return new ReportLog().read(found);
+}
+
+/**
+ * Bytes exactly as Python's `oomnb.format_bytes` writes them: 4096 -> "4.00 KiB".
+ * Two decimals, rounding an exact tie to even as Python's format does
+ * (1.125 MiB is "1.12 MiB"), so both sides print the same figures.
+ */
+export function formatBytes(
+  value: number | null | undefined,
+  signed = false
+): string {
   if (value === null || value === undefined) {
     return 'unknown';
   }
-  const sign = value < 0 ? '-' : '';
-  let rest = Math.abs(value);
+  const sign = value < 0 ? '-' : signed && value > 0 ? '+' : '';
+  const rest = Math.abs(value);
   if (rest < 1024) {
-    return `${sign}${Math.round(rest)} B`;
+    return `${sign}${Math.trunc(rest)} B`;
   }
-  for (const unit of ['KiB', 'MiB', 'GiB']) {
-    rest /= 1024;
-    if (rest < 1024) {
-      return `${sign}${rest.toFixed(2)} ${unit}`;
+  const units: [string, number][] = [
+    ['KiB', 1024],
+    ['MiB', 1024 ** 2],
+    ['GiB', 1024 ** 3]
+  ];
+  for (const [unit, factor] of units) {
+    if (rest < factor * 1024) {
+      return `${sign}${twoDecimals(rest, factor)} ${unit}`;
     }
   }
-  return `${sign}${(rest / 1024).toFixed(2)} TiB`;
+  return `${sign}${twoDecimals(rest, 1024 ** 4)} TiB`;
+}
+
+/** `value / factor` with two decimals, ties to even (factor is a power of two). */
+function twoDecimals(value: number, factor: number): string {
+  const scaled = value * 100;
+  if (!Number.isSafeInteger(scaled)) {
+    return (value / factor).toFixed(2);
+  }
+  let hundredths = Math.floor(scaled / factor);
+  const remainder = scaled - hundredths * factor;
+  if (2 * remainder > factor || (2 * remainder === factor && hundredths % 2 === 1)) {
+    hundredths += 1;
+  }
+  const whole = Math.floor(hundredths / 100);
+  const cents = String(hundredths % 100).padStart(2, '0');
+  return `${whole}.${cents}`;
+}
+
+/** "OutOfMemoryError allocating 128.00 MiB": the exception type and the failing request. */
+export function failure(report: IReport): string {
+  const oom = report.oom;
+  if (!oom) {
+    return '';
+  }
+  const type = oom.exception_type ?? 'OutOfMemoryError';
+  if (oom.requested_bytes === null || oom.requested_bytes === undefined) {
+    return type;
+  }
+  return `${type} allocating ${formatBytes(oom.requested_bytes)}`;
+}
+
+/**
+ * The one line every rendering tells of an OOM, "needs X, has Y of Z, short
+ * by W": the twin of Python's `oomnb.render.report.story` (a test holds them
+ * to each other on the same fixture reports). Empty without an OOM.
+ */
+export function story(report: IReport): string {
+  const oom = report.oom;
+  if (!oom) {
+    return '';
+  }
+  const needs = oom.needs_bytes ?? null;
+  const has = oom.has_bytes ?? null;
+  if (needs !== null && has !== null) {
+    const atLeast = oom.needs_at_least ? 'at least ' : '';
+    const capacity = report.device.capacity_bytes || oom.capacity_bytes;
+    const of =
+      capacity !== null && capacity !== undefined && capacity !== has
+        ? ` of ${formatBytes(capacity)}`
+        : '';
+    const text = `needs ${atLeast}${formatBytes(needs)}, has ${formatBytes(has)}${of}`;
+    const short = needs - has;
+    if (short > 0) {
+      return `${text}, short by ${atLeast}${formatBytes(short)}`;
+    }
+    return `${text}, ${formatBytes(-short)} to spare`;
+  }
+  if (oom.requested_bytes !== null && oom.free_bytes !== null) {
+    const text = `needs ${formatBytes(oom.requested_bytes)} more, has ${formatBytes(oom.free_bytes)} free`;
+    const short = oom.requested_bytes - oom.free_bytes;
+    return short > 0 ? `${text}, short by ${formatBytes(short)}` : text;
+  }
+  return '';
+}
+
+/** One line for auto mode, as Python's `headline`: "oomnb [3] delta +4.00 KiB, peak ...". */
+export function headline(report: IReport): string {
+  const cell = report.cell !== null ? `[${report.cell}]` : '[-]';
+  const where = report.device.kind === 'simulated' ? 'simulated' : report.device.name;
+  let text =
+    `oomnb ${cell} delta ${formatBytes(report.delta_bytes, true)}, ` +
+    `peak ${formatBytes(report.peak_bytes)}, ${report.duration_s.toFixed(2)} s (${where})`;
+  if (report.oom) {
+    text += ' - OUT OF MEMORY';
+  }
+  return text;
+}
+
+/** What released names say: "recovered 160.00 MiB (rolled back: x); allocated now ...". */
+export function recovered(report: IReport): string {
+  let text = `recovered ${formatBytes(report.recovered_bytes)}`;
+  if (report.released_names && report.released_names.length) {
+    text += ` (rolled back: ${report.released_names.join(', ')})`;
+  }
+  return `${text}; allocated now ${formatBytes(report.end_bytes)}; the kernel is fine`;
 }

@@ -2,7 +2,15 @@
  * DOM for reports: every string from the JSON goes in with textContent,
  * never as HTML, so a variable named `<img src=x onerror=...>` is text.
  */
-import { formatBytes, IReport, ISuggestion } from './model';
+import {
+  failure,
+  formatBytes,
+  headline,
+  IReport,
+  ISuggestion,
+  recovered,
+  story
+} from './model';
 
 /** Create an element with a class and, optionally, text. */
 export function el(
@@ -76,6 +84,7 @@ export function renderReport(report: IReport): HTMLElement {
     (report.delta_bytes > 0 ? '+' : '') + formatBytes(report.delta_bytes)
   );
   add('reserved', formatBytes(report.reserved_bytes));
+  add('free now', formatBytes(report.free_bytes));
   add('duration', `${report.duration_s.toFixed(3)} s`);
   if (report.batch_var) {
     add(report.batch_var.name, String(report.batch_var.value));
@@ -83,34 +92,65 @@ export function renderReport(report: IReport): HTMLElement {
   root.appendChild(figures);
 
   if (report.oom) {
-    const oom = el('div', 'oomnb-oom');
-    oom.appendChild(el('div', 'oomnb-oom-title', 'Out of memory'));
-    oom.appendChild(
-      el(
-        'div',
-        'oomnb-oom-figures',
-        `requested ${formatBytes(report.oom.requested_bytes)} · free ${formatBytes(
-          report.oom.free_bytes
-        )}` +
-          (report.oom.over_bytes
-            ? ` · over by ${formatBytes(report.oom.over_bytes)}`
-            : '')
-      )
-    );
-    if (report.oom.diagnosis) {
-      oom.appendChild(el('div', 'oomnb-oom-diagnosis', report.oom.diagnosis));
-    }
-    oom.appendChild(
-      el(
-        'div',
-        'oomnb-recovered',
-        `recovered ${formatBytes(report.recovered_bytes)}; the kernel is fine`
-      )
-    );
-    root.appendChild(oom);
+    root.appendChild(renderOom(report));
+  }
+  for (const note of report.notes ?? []) {
+    root.appendChild(el('div', 'oomnb-note', note));
   }
   return root;
 }
+
+/** The OOM box: the story, why, what recovery did, and the error's own words one click away. */
+export function renderOom(report: IReport): HTMLElement {
+  const oom = el('div', 'oomnb-oom');
+  const title = el('div', 'oomnb-oom-title', `Out of memory (${failure(report)})`);
+  const told = story(report);
+  if (told) {
+    title.appendChild(document.createTextNode(': '));
+    title.appendChild(el('span', 'oomnb-story', told));
+  }
+  oom.appendChild(title);
+  if (report.oom?.diagnosis) {
+    oom.appendChild(el('div', 'oomnb-oom-diagnosis', report.oom.diagnosis));
+  }
+  oom.appendChild(el('div', 'oomnb-recovered', recovered(report)));
+  const message = el('details', 'oomnb-message');
+  message.appendChild(el('summary', undefined, 'error message'));
+  message.appendChild(el('pre', 'oomnb-code', report.oom?.message ?? ''));
+  oom.appendChild(message);
+  return oom;
+}
+
+/**
+ * Auto mode's compact form: one line (and the OOM's story) that opens to the
+ * whole report, as the HTML fallback does.
+ */
+export function renderCompact(report: IReport, full: () => HTMLElement): HTMLElement {
+  if (!report.oom) {
+    return el('div', 'oomnb-compact oomnb-headline', headline(report));
+  }
+  const box = el('details', 'oomnb-compact') as HTMLDetailsElement;
+  const summary = el('summary');
+  summary.appendChild(el('span', 'oomnb-headline', headline(report)));
+  summary.appendChild(el('div', 'oomnb-story', `${failure(report)}: ${story(report)}`));
+  box.appendChild(summary);
+  box.addEventListener(
+    'toggle',
+    () => {
+      if (box.open && box.childElementCount === 1) {
+        box.appendChild(full());
+      }
+    }
+  );
+  return box;
+}
+
+/** Where a suggestion's code goes, in the words of the Python renderings. */
+const APPLY_WORDS: Record<string, string> = {
+  replace_cell: 'instead of the cell:',
+  run_first: 'run once, then the cell again:',
+  setup: 'in the set-up (a restart or a new install):'
+};
 
 /** Actions a suggestion offers. */
 export interface ISuggestionActions {
@@ -132,15 +172,22 @@ export function renderSuggestions(
       suggestion.saves_bytes !== null && suggestion.saves_bytes > 0
         ? `saves ${formatBytes(suggestion.saves_bytes)}`
         : 'saving unknown';
+    const fits =
+      suggestion.fits === true
+        ? ' · fits'
+        : suggestion.fits === false
+          ? ' · not enough alone'
+          : '';
     item.appendChild(
       el(
         'div',
         'oomnb-suggestion-meta',
-        `${saves} · ${suggestion.source} · ${suggestion.kind}`
+        `${saves} · ${suggestion.source} · ${suggestion.kind}${fits}`
       )
     );
     item.appendChild(el('div', 'oomnb-suggestion-detail', suggestion.detail));
     if (suggestion.code) {
+      item.appendChild(el('div', 'oomnb-apply', APPLY_WORDS[suggestion.apply ?? 'run_first']));
       item.appendChild(el('pre', 'oomnb-code', suggestion.code));
       if (actions) {
         const buttons = el('div', 'oomnb-buttons');
