@@ -158,3 +158,32 @@ def test_cell_dry_run_copies_models_held_by_other_objects() -> None:
     run = dry_run_cell(code, {"torch": torch, "trainer": trainer, "batch_size": 64})
     assert trainer.model.weight.grad is None  # the real model was not run
     assert run.gradients_bytes == 256 * 256 * 4 + 1024
+
+
+def test_cuda_cell_dry_runs_with_cuda_read_as_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a child forked from a kernel that started CUDA, no CUDA call may happen: a cell written for
+    CUDA is dry-run with every cuda device read as the host (forced here, on a machine without CUDA)."""
+    from oomnb.analysis import hostcuda
+    from oomnb.analysis.estimator import dry_run_cell
+
+    monkeypatch.setattr(hostcuda, "force", True)
+    ns: dict = {"torch": torch, "nn": torch.nn}
+    exec("model = nn.Linear(1024, 1024)\nx_host = torch.ones(256, 1024)", ns)
+    weights = ns["model"].weight
+    cell = (
+        "model = model.cuda()\n"
+        "xb = x_host.to('cuda')\n"  # a host tensor moved to the card: a new 1 MiB copy there
+        "y = model(torch.ones(256, 1024, device='cuda:0'))\n"  # 1 MiB input, 1 MiB output
+        "torch.cuda.synchronize()\n"
+        "with torch.autocast('cuda', dtype=torch.bfloat16):\n"
+        "    z = model(xb)\n"
+    )
+    run = dry_run_cell(compile(cell, "<cell>", "exec"), ns, overrides={})
+    MiB = 2**20
+    # Left: xb 1 MiB, the input 1 MiB (y's graph keeps it), y 1 MiB, z 0.5 MiB and xb's bf16 cast
+    # 0.5 MiB (z's graph keeps it). At the peak, autocast's bf16 weight (2 MiB) and bias (2 KiB) too.
+    assert run.end_bytes - run.start_bytes == 4 * MiB
+    assert run.peak_bytes - run.start_bytes == 6 * MiB + 2048
+    assert ns["model"].weight is not weights and weights.device.type == "cpu"  # the namespace's copies are fake
+    assert torch.autocast is not None and torch.Tensor.to is torch.Tensor.to  # patches undone
+    assert torch.autocast.__name__ == "autocast"

@@ -33,6 +33,7 @@ from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
 
 from ..backends.simulated import SimulatedDevice
 from ..backends.simulated import device as simulated_device
+from .hostcuda import FakeCopyFromCuda, cuda_as_host, in_forked_cuda_child
 
 __all__ = ["BatchFit", "DryRun", "DryRunError", "dry_run", "find_max_batch", "what_ifs"]
 
@@ -129,8 +130,9 @@ def _fake_copy(mode: FakeTensorMode, value: Any) -> Any:
     previous = {kind: dispatch.get(kind) for kind in shared}
     for kind in shared:
         dispatch[kind] = _shared
+    copier = FakeCopyFromCuda(mode) if in_forked_cuda_child() else FakeCopyMode(mode)
     try:
-        with FakeCopyMode(mode):
+        with copier:
             return copy.deepcopy(value)
     finally:
         for kind, before in previous.items():
@@ -385,6 +387,8 @@ def _measure(
                     tracker.register(t)
             start = tracker.allocated
             tracker.reset_peak()
+            if in_forked_cuda_child():
+                context.enter_context(cuda_as_host())
             if autocast is not None:
                 # The device type of the cell's own tensors: what the user's
                 # torch.autocast(...) will name.
