@@ -458,7 +458,7 @@ class CachingAllocator:
             first.mapped = False
             self._next_addr = base + _EXPANDABLE_SPACE
             pool.expandable = first
-            self.segments += 1
+            # torch's segment count is of cudaMalloc'd segments: an expandable one is not counted.
         page = self._page(pool)
         start: Block | None = pool.expandable
         while start is not None:
