@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
 
-from ..backends.simulated import SimulatedDevice
-from ..backends.simulated import device as simulated_device
+from ..allocator.tracker import SimulatedDevice
+from ..allocator.tracker import device as simulated_device
 from .hostcuda import FakeCopyFromCuda, cuda_as_host, in_forked_cuda_child
 
 __all__ = ["BatchFit", "DryRun", "DryRunError", "dry_run", "find_max_batch", "what_ifs"]

@@ -1,0 +1,369 @@
+"""A GPU simulated on the CPU: exact allocation accounting and real OOMs.
+
+While it is active, a ``TorchDispatchMode`` sees every ATen operation, and
+every storage an operation produces (or consumes, for tensors made in other
+ways) is registered once, with a weak reference whose callback subtracts its
+bytes when the storage dies.  PyTorch keeps a storage's Python object alive
+for as long as its C++ storage lives, so that callback fires exactly when the
+memory would be returned to the CUDA caching allocator.  Sizes are rounded the
+way that allocator rounds them (multiples of 512 bytes), so ``allocated``
+equals what ``torch.cuda.memory_allocated`` reports for the same tensors.
+
+With a capacity, a storage that would take allocated memory past it raises a
+real ``torch.OutOfMemoryError`` whose message has CUDA's shape and says that
+the device is simulated.  Factory operations (``empty``, ``zeros``, ``randn``
+...) are checked before anything is allocated; other operations are checked
+on their outputs, which are dropped before the error is raised.  If the CPU
+itself cannot allocate, that failure is reported as the simulated OOM too.
+
+What it does not model: the caching allocator's cache (reserved equals
+allocated, so fragmentation cannot appear), allocation-size bucketing for
+the "Tried to allocate" figure, and workspaces that CUDA libraries allocate
+inside kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import threading
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..model.units import Card, format_size_like_torch, round_allocation
+from .oom import parse_oom_message
+
+__all__ = ["SimulatedDevice", "device"]
+
+_aten = torch.ops.aten
+
+# Factory ops whose first argument is the size: their bytes are known before
+# anything is allocated, so a huge request never touches host memory.
+_SIZED_FACTORIES = {
+    _aten.empty.memory_format,
+    _aten.zeros.default,
+    _aten.ones.default,
+    _aten.full.default,
+    _aten.rand.default,
+    _aten.randn.default,
+    _aten.empty_strided.default,
+}
+_RANDINT = {_aten.randint.default: 1, _aten.randint.low: 2}
+
+
+def _factory_bytes(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """Bytes a factory op will allocate, or None when ``func`` is not one."""
+    if func is _aten.full.default and kwargs.get("dtype") is None:
+        return None  # the dtype follows the fill value: let the output tell
+    if func in _SIZED_FACTORIES:
+        size = args[0] if args else kwargs.get("size")
+    elif func in _RANDINT:
+        position = _RANDINT[func]
+        size = args[position] if len(args) > position else kwargs.get("size")
+    else:
+        return None
+    if size is None:
+        return None
+    default = torch.int64 if func in _RANDINT else torch.get_default_dtype()
+    dtype = kwargs.get("dtype") or default
+    numel = 1
+    for dim in size:
+        numel *= int(dim)
+    if func is _aten.empty_strided.default:
+        stride = args[1] if len(args) > 1 else kwargs.get("stride", ())
+        numel = 1 + sum((int(d) - 1) * int(s) for d, s in zip(size, stride, strict=False)) if numel else 0
+    return numel * dtype.itemsize
+
+
+_OP_FACTS: dict[Any, tuple[bool, bool]] = {}
+
+
+_RESIZING = {"aten::resize_", "aten::resize_as_", "aten::set_", "aten::_resize_output_", "aten::resize_as_sparse_"}
+
+
+def _op_facts(func: Any) -> tuple[bool, bool]:
+    """(is a sized factory, may resize a storage in place), cached per op.
+
+    In-place ops such as ``add_`` never change a storage's size; ``out=``
+    variants and ``resize_``/``set_`` can.
+    """
+    facts = _OP_FACTS.get(func)
+    if facts is None:
+        try:
+            schema = func._schema
+            resizes = schema.name in _RESIZING or any(arg.is_out for arg in schema.arguments)
+        except Exception:
+            resizes = True
+        facts = (func in _SIZED_FACTORIES or func in _RANDINT, resizes)
+        _OP_FACTS[func] = facts
+    return facts
+
+
+class _TrackingMode(TorchDispatchMode):
+    """Sees every ATen op on this thread and registers the storages it touches.
+
+    This runs once per operator call, so it is written for speed: one cached
+    lookup per op, and a dict membership test per tensor already known.
+    """
+
+    def __init__(self, owner: SimulatedDevice) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        owner = self.owner
+        if kwargs is None:
+            kwargs = {}
+        if owner.paused:
+            out = func(*args, **kwargs)
+            owner.ignore(out)
+            return out
+        factory, resizes = _OP_FACTS.get(func) or _op_facts(func)
+        if factory and owner.capacity is not None:
+            device = kwargs.get("device")
+            # Factories for other devices (meta, inside dry runs) take nothing here.
+            planned = None
+            if device is None or torch.device(device).type == owner.track_device:
+                planned = _factory_bytes(func, args, kwargs)
+            if planned is not None:
+                owner.check_request(round_allocation(planned))
+        live = owner._live
+        # Tensors made outside any op (torch.from_numpy, other threads, before
+        # the device started) are registered the first time an op uses them.
+        for arg in args:
+            if isinstance(arg, torch.Tensor) and id(arg.untyped_storage()) not in live:
+                owner.register(arg)
+        try:
+            out = func(*args, **kwargs)
+        except RuntimeError as exc:
+            if "can't allocate memory" in str(exc) or "not enough memory" in str(exc):
+                owner.raise_oom(owner.guess_request(str(exc)), from_host=True)
+            raise
+        request = 0
+        if isinstance(out, torch.Tensor):
+            if resizes or id(out.untyped_storage()) not in live:
+                request = owner.register(out, check=True)
+        elif isinstance(out, (tuple, list)):
+            for item in out:
+                if isinstance(item, torch.Tensor) and (resizes or id(item.untyped_storage()) not in live):
+                    request = owner.register(item, check=True)
+                    if request < 0:
+                        break
+        if request < 0:
+            # An output would not fit: drop it before raising, so that the
+            # traceback does not keep it alive.
+            del out
+            owner.raise_oom(-request)
+        return out
+
+
+class SimulatedDevice:
+    """Process-wide accounting for the simulated GPU.
+
+    One instance (:data:`device`) serves the whole process; the extension
+    starts it on load and stops it on unload.  All figures are bytes as the
+    CUDA caching allocator would count them.
+    """
+
+    name = "simulated"
+
+    def __init__(self, track_device: str = "cpu") -> None:
+        #: The device type whose storages count: "cpu" for the simulated GPU,
+        #: "meta" for dry runs on fake tensors.
+        self.track_device = track_device
+        self.allocated = 0
+        self.peak = 0
+        self.capacity: int | None = None
+        self.card: Card | None = None
+        self.paused = 0
+        self.num_ooms = 0
+        #: Exact figures of the last simulated OOM: (requested, allocated, capacity).
+        self.last_oom: tuple[int, int, int] | None = None
+        self._live: dict[int, tuple[weakref.ref[Any], int]] = {}
+        self._ignored: dict[int, weakref.ref[Any]] = {}
+        self._mode: _TrackingMode | None = None
+        self._lock = threading.RLock()
+        self._users = 0
+
+    # -- life cycle -------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        return self._mode is not None
+
+    def start(self, scan: bool = True) -> None:
+        """Begin tracking (idempotent; nested starts are counted).
+
+        ``scan`` counts the tensors that already exist (found through the
+        garbage collector), as the simulated GPU must.
+        """
+        self._users += 1
+        if self._mode is not None:
+            return
+        if scan:
+            self._scan_existing()
+        self._mode = _TrackingMode(self)
+        self._mode.__enter__()
+
+    def stop(self) -> None:
+        """Stop tracking once every :meth:`start` has been matched."""
+        self._users = max(0, self._users - 1)
+        if self._users or self._mode is None:
+            return
+        mode, self._mode = self._mode, None
+        with contextlib.suppress(Exception):
+            mode.__exit__(None, None, None)
+        with self._lock:
+            self._live.clear()
+            self._ignored.clear()
+            self.allocated = 0
+            self.peak = 0
+
+    def _scan_existing(self) -> None:
+        # Tensors that existed before loading count too: find them once.
+        tensor_type = torch.Tensor
+        for obj in gc.get_objects():
+            # type() rather than isinstance(): some module-level proxies warn
+            # when their __class__ is looked up.
+            if issubclass(type(obj), tensor_type):
+                with contextlib.suppress(Exception):
+                    self.register(obj)
+        self.peak = self.allocated
+
+    # -- accounting -------------------------------------------------------
+    def _storage(self, tensor: torch.Tensor) -> Any:
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError, TypeError):
+            return None  # sparse, nested and other storage-less layouts
+        if storage.device.type != self.track_device:
+            return None  # on the simulated GPU, meta and fake tensors take no memory
+        return storage
+
+    def register(self, tensor: torch.Tensor, check: bool = False) -> int:
+        """Count ``tensor``'s storage if it is new.
+
+        Returns the bytes newly counted, or, with ``check`` and a capacity
+        that the storage would pass, minus the rounded bytes requested (and
+        counts nothing).
+        """
+        storage = self._storage(tensor)
+        if storage is None:
+            return 0
+        key = id(storage)
+        known = self._live.get(key)
+        if known is not None:
+            nbytes = round_allocation(storage.nbytes())
+            if nbytes == known[1]:
+                return 0
+            # resize_ or an out= op grew the storage in place
+            grow = nbytes - known[1]
+            if check and grow > 0 and self.capacity is not None and self.allocated + grow > self.capacity:
+                return -grow
+            with self._lock:
+                self._live[key] = (known[0], nbytes)
+                self.allocated += grow
+                if self.allocated > self.peak:
+                    self.peak = self.allocated
+            return grow
+        if key in self._ignored:
+            return 0
+        nbytes = round_allocation(storage.nbytes())
+        if check and self.capacity is not None and self.allocated + nbytes > self.capacity:
+            return -nbytes
+        ref = weakref.ref(storage, self._release_callback(key))
+        with self._lock:
+            self._live[key] = (ref, nbytes)
+            self.allocated += nbytes
+            if self.allocated > self.peak:
+                self.peak = self.allocated
+        return nbytes
+
+    def _release_callback(self, key: int) -> Any:
+        def release(_ref: Any) -> None:
+            with self._lock:
+                entry = self._live.pop(key, None)
+                if entry is not None:
+                    self.allocated -= entry[1]
+
+        return release
+
+    def _forget_callback(self, key: int) -> Any:
+        def forget(_ref: Any) -> None:
+            self._ignored.pop(key, None)
+
+        return forget
+
+    def ignore(self, out: Any) -> None:
+        """Leave the storages in ``out`` uncounted for their whole life."""
+        items = out if isinstance(out, (tuple, list)) else (out,)
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                storage = self._storage(item)
+                if storage is None or id(storage) in self._live:
+                    continue
+                key = id(storage)
+                self._ignored[key] = weakref.ref(storage, self._forget_callback(key))
+
+    def live_storages(self) -> int:
+        """How many storages are counted now."""
+        return len(self._live)
+
+    def reset_peak(self) -> None:
+        self.peak = self.allocated
+
+    # -- OOM ----------------------------------------------------------------
+    def check_request(self, nbytes: int) -> None:
+        if self.capacity is not None and self.allocated + nbytes > self.capacity:
+            self.raise_oom(nbytes)
+
+    @staticmethod
+    def guess_request(message: str) -> int:
+        return parse_oom_message(message).requested_bytes or 0
+
+    def oom_message(self, request: int) -> str:
+        capacity = self.capacity or 0
+        free = max(0, capacity - self.allocated)
+        what = f"a {self.card.name}" if self.card else f"a {format_size_like_torch(capacity)} GPU"
+        return (
+            f"CUDA out of memory. Tried to allocate {format_size_like_torch(request)}. "
+            f"GPU 0 has a total capacity of {format_size_like_torch(capacity)} of which "
+            f"{format_size_like_torch(free)} is free. Of the allocated memory "
+            f"{format_size_like_torch(self.allocated)} is allocated by PyTorch, and 0 bytes "
+            f"is reserved by PyTorch but unallocated. (Simulated by oomnb: {what} on the "
+            f"CPU; no GPU memory was used.)"
+        )
+
+    def raise_oom(self, request: int, from_host: bool = False) -> None:
+        self.num_ooms += 1
+        self.last_oom = (request, self.allocated, self.capacity or 0)
+        message = self.oom_message(request)
+        if from_host:
+            message += " The host itself could not allocate this tensor."
+        raise torch.OutOfMemoryError(message)
+
+    @contextlib.contextmanager
+    def untracked(self) -> Iterator[None]:
+        """Tensors made inside stay on the host: the device never counts them.
+
+        For data sets and other things that on a real GPU would stay in CPU
+        memory.
+        """
+        self.paused += 1
+        try:
+            yield
+        finally:
+            self.paused -= 1
+
+
+#: The process-wide simulated device.
+device = SimulatedDevice()
