@@ -76,22 +76,32 @@ class NullMode(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def bench_tracking(rounds: int, steps: int) -> list[tuple[str, float, float, float]]:
+def bench_tracking(rounds: int, steps: int) -> list[tuple[str, float, float, float, float]]:
     rows = []
     for name, build in (("MLP 1024-2048-2048-10, batch 256", mlp), ("CNN 2 conv + BN, batch 64x3x32x32", cnn)):
         run = train_loop(build, steps)
-        device = SimulatedDevice()
-        plain, null, tracked = [], [], []
+        exact, caching = SimulatedDevice(), SimulatedDevice()
+        exact.caching, caching.caching = False, True
+        plain, null, tracked, cached = [], [], [], []
         for _ in range(rounds):
             plain.append(timed(run))
             with NullMode():
                 null.append(timed(run))
-            device.start()
-            try:
-                tracked.append(timed(run))
-            finally:
-                device.stop()
-        rows.append((name, statistics.median(plain), statistics.median(null), statistics.median(tracked)))
+            for device, times in ((exact, tracked), (caching, cached)):
+                device.start()
+                try:
+                    times.append(timed(run))
+                finally:
+                    device.stop()
+        rows.append(
+            (
+                name,
+                statistics.median(plain),
+                statistics.median(null),
+                statistics.median(tracked),
+                statistics.median(cached),
+            )
+        )
     return rows
 
 
@@ -152,11 +162,16 @@ def main() -> None:
         f"\n1. Simulated-device tracking on a CPU training loop ({args.steps} steps of forward, backward, AdamW step)"
     )
     print(
-        f"   {'workload':38} {'plain s':>9} {'empty mode s':>13} {'tracked s':>10} {'floor':>7} {'ratio':>7}"
-        "   (ratio = tracked / plain, target <= 1.15; floor = an empty dispatch mode / plain)"
+        f"   {'workload':38} {'plain s':>9} {'empty mode s':>13} {'exact s':>9} {'caching s':>10} {'floor':>7}"
+        f" {'exact':>7} {'caching':>8}"
+        "   (ratios to plain, target <= 1.15; floor = an empty dispatch mode; exact = reserved equals allocated,"
+        " caching = the caching allocator model)"
     )
-    for name, plain, null, tracked in bench_tracking(args.rounds, args.steps):
-        print(f"   {name:38} {plain:9.3f} {null:13.3f} {tracked:10.3f} {null / plain:7.3f} {tracked / plain:7.3f}")
+    for name, plain, null, tracked, cached in bench_tracking(args.rounds, args.steps):
+        print(
+            f"   {name:38} {plain:9.3f} {null:13.3f} {tracked:9.3f} {cached:10.3f} {null / plain:7.3f}"
+            f" {tracked / plain:7.3f} {cached / plain:8.3f}"
+        )
 
     print(f"\n2. %%gpumem around an empty cell ({args.cells} cells a round)")
     devices = ["simulated"] + (["cuda"] if torch.cuda.is_available() else [])

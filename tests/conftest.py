@@ -32,11 +32,12 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
 def sim() -> Iterator[Any]:
     """The simulated device, started and left as it was found."""
     simulated_device.start()
-    capacity, card = simulated_device.capacity, simulated_device.card
+    capacity, card, caching = simulated_device.capacity, simulated_device.card, simulated_device.caching
     try:
         yield simulated_device
     finally:
         simulated_device.capacity, simulated_device.card = capacity, card
+        simulated_device.caching = caching
         simulated_device.stop()
 
 

@@ -12,6 +12,7 @@ import torch
 
 from oomnb.allocator.oom import parse_oom_message
 from oomnb.backends.simulated import SimulatedDevice
+from oomnb.model.units import format_size_like_torch
 
 MiB = 1024**2
 
@@ -120,18 +121,22 @@ def test_untracked_tensors_are_not_counted(sim: Any) -> None:
 
 
 def test_real_oom_with_cuda_shaped_message(sim: Any) -> None:
-    sim.capacity = sim.allocated + 1 * MiB
-    keep = torch.empty(256 * 1024 - 128)  # 1 MiB less 512 bytes: nearly full
+    sim.caching = True
+    sim.capacity = sim.reserved + 2 * MiB  # room for one more small-pool segment (2 MiB)
+    keep = torch.empty(256 * 1024 - 128)  # 1 MiB less 512 bytes: the small pool, a new 2 MiB segment
+    assert sim.reserved == sim.capacity
     with pytest.raises(torch.OutOfMemoryError) as info:
-        torch.empty(1024 * 1024)
+        torch.empty(1024 * 1024)  # 4 MiB: the large pool, a 20 MiB segment that cannot be had
     message = str(info.value)
     assert message.startswith("CUDA out of memory. Tried to allocate 4.00 MiB. GPU 0 has a total capacity of ")
-    assert "Simulated by oomnb" in message
+    assert "Including non-PyTorch memory, this process has" in message and "Simulated by oomnb" in message
     facts = parse_oom_message(message)
     assert facts.kind == "simulated"
     assert facts.requested_bytes == 4 * MiB
-    assert sim.last_oom == (4 * MiB, sim.allocated, sim.capacity)
-    assert sim.capacity - sim.allocated == 512
+    assert sim.last_oom[0] == 4 * MiB and sim.last_oom[2] == sim.capacity
+    _request, allocated, _capacity, reserved = sim.last_oom
+    unallocated = format_size_like_torch(reserved - allocated)
+    assert f"and {unallocated} is reserved by PyTorch but unallocated" in message
     del keep
 
 
@@ -143,11 +148,13 @@ def test_factory_request_is_refused_before_host_allocation(sim: Any) -> None:
 
 
 def test_op_output_over_capacity_is_dropped(sim: Any) -> None:
-    sim.capacity = sim.allocated + 6 * MiB
-    a = torch.ones(1024 * 1024)  # 4 MiB
+    sim.caching = True
+    sim.capacity = sim.reserved + 20 * MiB
+    a = torch.ones(3 * 1024 * 1024)  # 12 MiB: its own 12 MiB segment
+    gc.collect()
     before = sim.allocated
-    with pytest.raises(torch.OutOfMemoryError, match=r"Tried to allocate 4\.00 MiB"):
-        a * 2  # the product would need 4 MiB more
+    with pytest.raises(torch.OutOfMemoryError, match=r"Tried to allocate 12\.00 MiB"):
+        a * 2  # the product needs another 12 MiB segment: 24 MiB > 20
     gc.collect()
     assert sim.allocated == before
     del a
@@ -162,3 +169,33 @@ def test_state_is_released_on_stop() -> None:
     assert device.live_storages() == 0 and device.allocated == 0
     del t
     assert ref() is None
+
+
+@pytest.mark.parametrize("conf", ["", "expandable_segments:True"])
+def test_fragmentation_oom_on_the_cpu_and_the_fix(sim: Any, conf: str) -> None:
+    """Real tensors through the caching allocator model: ten [7][6][7] MiB segments with the 7s freed
+    leave 140 MiB reserved but unallocated, and a 10 MiB tensor fails; expandable segments fit it."""
+    sim.caching = True
+    sim.set_alloc_conf(conf)
+    try:
+        gc.collect()
+        sim.empty_cache()
+        sim.capacity = sim.reserved + 200 * MiB
+        floats = (7 * MiB // 4, 6 * MiB // 4, 7 * MiB // 4)
+        triples = [tuple(torch.empty(n) for n in floats) for _ in range(10)]
+        middles = [middle for _first, middle, _last in triples]
+        del triples
+        gc.collect()
+        if conf:
+            fits = torch.empty(10 * MiB // 4)
+            assert fits.numel() == 2621440 and sim.reserved == sim.capacity
+            return
+        with pytest.raises(torch.OutOfMemoryError) as info:
+            torch.empty(10 * MiB // 4)
+        message = str(info.value)
+        assert "Tried to allocate 10.00 MiB" in message
+        assert "and 140.00 MiB is reserved by PyTorch but unallocated" in message
+        assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in message
+        assert len(middles) == 10
+    finally:
+        sim.set_alloc_conf("")

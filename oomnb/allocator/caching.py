@@ -226,9 +226,12 @@ class CachingAllocator:
     the memory the process holds outside PyTorch); None means no limit.
     """
 
-    def __init__(self, capacity: int | None = None, conf: AllocConf | None = None) -> None:
+    def __init__(self, capacity: int | None = None, conf: AllocConf | None = None, *, caching: bool = True) -> None:
         self.capacity = capacity
         self.conf = conf or AllocConf()
+        #: False: no cache at all, each request its own exact segment (reserved equals
+        #: allocated); what oomnb's simulated device did before it modelled the cache.
+        self.caching = caching
         self.small = Pool(True)
         self.large = Pool(False)
         self.allocated = 0
@@ -267,6 +270,8 @@ class CachingAllocator:
         """Allocate ``nbytes``; None where the device is full (the OOM), unless ``force``."""
         size = self.round_size(nbytes)
         pool = self.small if size <= K_SMALL_SIZE else self.large
+        if not self.caching:
+            return self._exact(pool, size, nbytes, force)
         block = self._free_block(pool, size)
         if block is None:
             if self.conf.garbage_collection_threshold and self.capacity is not None:
@@ -300,12 +305,29 @@ class CachingAllocator:
             self.peak_allocated = self.allocated
         return block
 
+    def _exact(self, pool: Pool, size: int, nbytes: int, force: bool) -> Block | None:
+        if not force and not self._fits(size):
+            self.num_ooms += 1
+            return None
+        block = Block(self._next_addr, size, pool, 0)
+        self._next_addr += size
+        block.allocated, block.requested = True, nbytes
+        self._grow(size, pool)
+        self.allocated += size
+        if self.allocated > self.peak_allocated:
+            self.peak_allocated = self.allocated
+        return block
+
     def free(self, block: Block) -> None:
         """``free_block``: the block is cached, merged with free neighbours of its segment."""
         if not block.allocated:
             return
         block.allocated = False
         self.allocated -= block.size
+        if block.segment == 0:  # an exact block (no cache): its memory goes back at once
+            self.reserved -= block.size
+            self.pool_reserved[block.pool.is_small] -= block.size
+            return
         pool = block.pool
         for neighbour in (block.prev, block.next):
             if neighbour is not None and not neighbour.allocated and neighbour.mapped:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import threading
 import weakref
 from collections.abc import Iterator
@@ -34,12 +35,34 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..model.units import Card, format_size_like_torch, round_allocation
+from ..model.units import Card, format_size_like_torch
+from .caching import Block, CachingAllocator, parse_alloc_conf
 from .oom import parse_oom_message
 
 __all__ = ["SimulatedDevice", "device"]
 
 _aten = torch.ops.aten
+
+
+def _caching_from_environment() -> bool:
+    """Whether the caching allocator's cache is modelled (``OOMNB_ALLOCATOR=caching``).
+
+    Off by default for now: the exact-allocation model (reserved equals
+    allocated) is what the advice and the example notebooks are tuned on;
+    turning the cache on everywhere is the next step of the allocator work.
+    """
+    return os.environ.get("OOMNB_ALLOCATOR", "").strip().lower() == "caching"
+
+
+def _conf_from_environment() -> Any:
+    """``PYTORCH_CUDA_ALLOC_CONF`` as the process was started with (defaults if unset or unreadable)."""
+    from .caching import AllocConf
+
+    try:
+        return parse_alloc_conf(os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
+    except ValueError:
+        return AllocConf()
+
 
 # Factory ops whose first argument is the size: their bytes are known before
 # anything is allocated, so a huge request never touches host memory.
@@ -136,7 +159,7 @@ class _TrackingMode(TorchDispatchMode):
             if device is None or torch.device(device).type == owner.track_device:
                 planned = _factory_bytes(func, args, kwargs)
             if planned is not None:
-                owner.check_request(round_allocation(planned))
+                owner.check_request(planned)
         live = owner._live
         # Tensors made outside any op (torch.from_numpy, other threads, before
         # the device started) are registered the first time an op uses them.
@@ -181,19 +204,72 @@ class SimulatedDevice:
         #: The device type whose storages count: "cpu" for the simulated GPU,
         #: "meta" for dry runs on fake tensors.
         self.track_device = track_device
-        self.allocated = 0
-        self.peak = 0
-        self.capacity: int | None = None
+        #: The caching allocator every storage goes through (reserved, segments, fragmentation).
+        self.alloc = CachingAllocator(conf=_conf_from_environment(), caching=_caching_from_environment())
+        self._capacity: int | None = None
+        #: Memory the process holds outside PyTorch (the CUDA context, library
+        #: workspaces): the allocator may reserve the capacity less this.
+        self._context = 0
         self.card: Card | None = None
         self.paused = 0
         self.num_ooms = 0
-        #: Exact figures of the last simulated OOM: (requested, allocated, capacity).
-        self.last_oom: tuple[int, int, int] | None = None
-        self._live: dict[int, tuple[weakref.ref[Any], int]] = {}
+        #: Exact figures of the last simulated OOM: (requested, allocated, capacity, reserved).
+        self.last_oom: tuple[int, int, int, int] | None = None
+        self._live: dict[int, tuple[weakref.ref[Any], int, Block | int]] = {}
         self._ignored: dict[int, weakref.ref[Any]] = {}
         self._mode: _TrackingMode | None = None
         self._lock = threading.RLock()
         self._users = 0
+
+    # -- figures ----------------------------------------------------------
+    @property
+    def allocated(self) -> int:
+        return self.alloc.allocated
+
+    @property
+    def peak(self) -> int:
+        return self.alloc.peak_allocated
+
+    @property
+    def reserved(self) -> int:
+        return self.alloc.reserved
+
+    @property
+    def peak_reserved(self) -> int:
+        return self.alloc.peak_reserved
+
+    @property
+    def capacity(self) -> int | None:
+        """The card's capacity (what its OOM messages call total capacity); None: no limit."""
+        return self._capacity
+
+    @capacity.setter
+    def capacity(self, value: int | None) -> None:
+        self._capacity = value
+        self.alloc.capacity = None if value is None else max(0, value - self._context)
+
+    @property
+    def context(self) -> int:
+        """Non-PyTorch memory: what the CUDA context and libraries hold of the capacity."""
+        return self._context
+
+    @context.setter
+    def context(self, value: int) -> None:
+        self._context = max(0, int(value))
+        self.capacity = self._capacity
+
+    @property
+    def caching(self) -> bool:
+        """Whether the allocator's cache is modelled (reserved can exceed allocated)."""
+        return self.alloc.caching
+
+    @caching.setter
+    def caching(self, on: bool) -> None:
+        self.alloc.caching = bool(on)
+
+    def set_alloc_conf(self, text: str) -> None:
+        """Change ``PYTORCH_CUDA_ALLOC_CONF`` from now on (ValueError, one line, for a bad one)."""
+        self.alloc.conf = parse_alloc_conf(text)
 
     # -- life cycle -------------------------------------------------------
     @property
@@ -225,8 +301,7 @@ class SimulatedDevice:
         with self._lock:
             self._live.clear()
             self._ignored.clear()
-            self.allocated = 0
-            self.peak = 0
+            self.alloc = CachingAllocator(self.alloc.capacity, self.alloc.conf, caching=self.alloc.caching)
 
     def _scan_existing(self) -> None:
         # Tensors that existed before loading count too: find them once.
@@ -237,7 +312,7 @@ class SimulatedDevice:
             if issubclass(type(obj), tensor_type):
                 with contextlib.suppress(Exception):
                     self.register(obj)
-        self.peak = self.allocated
+        self.alloc.reset_peak()
 
     # -- accounting -------------------------------------------------------
     def _storage(self, tensor: torch.Tensor) -> Any:
@@ -250,50 +325,77 @@ class SimulatedDevice:
         return storage
 
     def register(self, tensor: torch.Tensor, check: bool = False) -> int:
-        """Count ``tensor``'s storage if it is new.
+        """Count ``tensor``'s storage if it is new: one allocation from the allocator.
 
-        Returns the bytes newly counted, or, with ``check`` and a capacity
-        that the storage would pass, minus the rounded bytes requested (and
-        counts nothing).
+        Returns the bytes newly allocated, or, with ``check`` and a device that
+        cannot hold the storage, minus the rounded bytes requested (and counts
+        nothing).  Without ``check`` the allocation is made whatever the capacity.
         """
         storage = self._storage(tensor)
         if storage is None:
             return 0
         key = id(storage)
+        nbytes = storage.nbytes()
         known = self._live.get(key)
         if known is not None:
-            nbytes = round_allocation(storage.nbytes())
-            if nbytes == known[1]:
+            ref, requested, held = known
+            if requested == nbytes:
                 return 0
-            # resize_ or an out= op grew the storage in place
-            grow = nbytes - known[1]
-            if check and grow > 0 and self.capacity is not None and self.allocated + grow > self.capacity:
-                return -grow
+            # resize_ or an out= op changed the storage in place: a new allocation.
             with self._lock:
-                self._live[key] = (known[0], nbytes)
-                self.allocated += grow
-                if self.allocated > self.peak:
-                    self.peak = self.allocated
-            return grow
+                before = self.alloc.allocated
+                new = self._take(nbytes, check)
+                if new is None:
+                    return -self.alloc.round_size(nbytes)
+                self._give(held)
+                self._live[key] = (ref, nbytes, new)
+                return self.alloc.allocated - before
         if key in self._ignored:
             return 0
-        nbytes = round_allocation(storage.nbytes())
-        if check and self.capacity is not None and self.allocated + nbytes > self.capacity:
-            return -nbytes
-        ref = weakref.ref(storage, self._release_callback(key))
         with self._lock:
-            self._live[key] = (ref, nbytes)
-            self.allocated += nbytes
-            if self.allocated > self.peak:
-                self.peak = self.allocated
-        return nbytes
+            taken = self._take(nbytes, check)
+            if taken is None:
+                return -self.alloc.round_size(nbytes)
+            self._live[key] = (weakref.ref(storage, self._release_callback(key)), nbytes, taken)
+        return taken if isinstance(taken, int) else taken.size
+
+    def _take(self, nbytes: int, check: bool) -> Block | int | None:
+        """Allocate ``nbytes``: a Block from the caching model, or (no cache) just its rounded size.
+
+        None where ``check`` is set and the device cannot hold it.  The no-cache
+        path is inline: it runs for every new storage of every op.
+        """
+        alloc = self.alloc
+        if alloc.caching:
+            return alloc.malloc(nbytes, force=not check) if nbytes else 0
+        if not nbytes:
+            return 0
+        size = -(-nbytes // 512) * 512 if not alloc.conf.roundup_power2_divisions else alloc.round_size(nbytes)
+        if check and alloc.capacity is not None and alloc.reserved + size > alloc.capacity:
+            alloc.num_ooms += 1
+            return None
+        alloc.allocated += size
+        alloc.reserved += size
+        if alloc.allocated > alloc.peak_allocated:
+            alloc.peak_allocated = alloc.allocated
+            if alloc.reserved > alloc.peak_reserved:
+                alloc.peak_reserved = alloc.reserved
+        return size
+
+    def _give(self, held: Block | int) -> None:
+        alloc = self.alloc
+        if isinstance(held, int):
+            alloc.allocated -= held
+            alloc.reserved -= held
+        else:
+            alloc.free(held)
 
     def _release_callback(self, key: int) -> Any:
         def release(_ref: Any) -> None:
             with self._lock:
                 entry = self._live.pop(key, None)
                 if entry is not None:
-                    self.allocated -= entry[1]
+                    self._give(entry[2])
 
         return release
 
@@ -319,33 +421,55 @@ class SimulatedDevice:
         return len(self._live)
 
     def reset_peak(self) -> None:
-        self.peak = self.allocated
+        self.alloc.reset_peak()
+
+    def empty_cache(self) -> None:
+        """``torch.cuda.empty_cache()``: cached segments that are not split go back."""
+        with self._lock:
+            self.alloc.empty_cache()
 
     # -- OOM ----------------------------------------------------------------
     def check_request(self, nbytes: int) -> None:
-        if self.capacity is not None and self.allocated + nbytes > self.capacity:
-            self.raise_oom(nbytes)
+        """Raise the OOM now if a storage of ``nbytes`` could not be allocated (a factory, before it runs)."""
+        if self.alloc.capacity is None or nbytes <= 0:
+            return
+        with self._lock:
+            block = self.alloc.malloc(nbytes)
+            if block is None:
+                self.raise_oom(self.alloc.round_size(nbytes))
+            else:
+                # Cached: the factory's own storage takes this block again.
+                self.alloc.free(block)
 
     @staticmethod
     def guess_request(message: str) -> int:
         return parse_oom_message(message).requested_bytes or 0
 
     def oom_message(self, request: int) -> str:
+        """CUDA's words (c10's OutOfMemoryError text), with the simulated device named."""
         capacity = self.capacity or 0
-        free = max(0, capacity - self.allocated)
+        in_use = self.reserved + self._context
+        free = max(0, capacity - in_use)
         what = f"a {self.card.name}" if self.card else f"a {format_size_like_torch(capacity)} GPU"
-        return (
+        unallocated = self.reserved - self.allocated
+        text = (
             f"CUDA out of memory. Tried to allocate {format_size_like_torch(request)}. "
             f"GPU 0 has a total capacity of {format_size_like_torch(capacity)} of which "
-            f"{format_size_like_torch(free)} is free. Of the allocated memory "
-            f"{format_size_like_torch(self.allocated)} is allocated by PyTorch, and 0 bytes "
-            f"is reserved by PyTorch but unallocated. (Simulated by oomnb: {what} on the "
-            f"CPU; no GPU memory was used.)"
+            f"{format_size_like_torch(free)} is free. Including non-PyTorch memory, this process has "
+            f"{format_size_like_torch(in_use)} memory in use. Of the allocated memory "
+            f"{format_size_like_torch(self.allocated)} is allocated by PyTorch, and "
+            f"{format_size_like_torch(unallocated)} is reserved by PyTorch but unallocated."
         )
+        if unallocated > 0 and unallocated >= request:
+            text += (
+                " If reserved but unallocated memory is large try setting "
+                "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation."
+            )
+        return text + f" (Simulated by oomnb: {what} on the CPU; no GPU memory was used.)"
 
     def raise_oom(self, request: int, from_host: bool = False) -> None:
         self.num_ooms += 1
-        self.last_oom = (request, self.allocated, self.capacity or 0)
+        self.last_oom = (request, self.allocated, self.capacity or 0, self.reserved)
         message = self.oom_message(request)
         if from_host:
             message += " The host itself could not allocate this tensor."

@@ -39,10 +39,10 @@ class SimulatedBackend:
         capacity = sim.capacity
         return MemorySnapshot(
             allocated_bytes=sim.allocated,
-            reserved_bytes=sim.allocated,
+            reserved_bytes=sim.reserved,
             peak_bytes=sim.peak,
             capacity_bytes=capacity,
-            free_bytes=None if capacity is None else max(0, capacity - sim.allocated),
+            free_bytes=None if capacity is None else max(0, capacity - sim.context - sim.reserved),
         )
 
     def reset_peak(self) -> None:
@@ -64,19 +64,20 @@ class SimulatedBackend:
         return self.sim.capacity, self.sim.card
 
     def empty_cache(self) -> None:
-        """Nothing is cached: reserved always equals allocated here."""
+        """``torch.cuda.empty_cache()`` on the allocator model."""
+        self.sim.empty_cache()
 
     def describe_oom(self, exc: BaseException) -> OomFacts:
         facts = parse_oom_message(str(exc))
         if facts.kind == "simulated" and self.sim.last_oom is not None:
             # The message rounds to two decimals; the device knows the bytes.
-            request, allocated, capacity = self.sim.last_oom
+            request, allocated, capacity, reserved = self.sim.last_oom
             facts.requested_bytes = request
             facts.allocated_bytes = allocated
             facts.capacity_bytes = capacity
-            facts.free_bytes = max(0, capacity - allocated)
-            facts.reserved_bytes = allocated
-            facts.reserved_unallocated_bytes = 0
+            facts.free_bytes = max(0, capacity - self.sim.context - reserved)
+            facts.reserved_bytes = reserved
+            facts.reserved_unallocated_bytes = reserved - allocated
         return facts
 
     def supports_bf16(self) -> bool | None:

@@ -314,10 +314,36 @@ class GpuMem(Magics):
                 else f"oomnb: {backend.name} has no limit."
             )
             return None
+        if words[0] == "alloc-conf" and len(words) <= 2:
+            self._alloc_conf(args.command[1] if len(words) == 2 else None)
+            return None
+        if words[0] == "allocator" and len(words) == 2 and words[1] in ("caching", "exact"):
+            from ..backends.simulated import device as simulated_device
+
+            simulated_device.caching = words[1] == "caching"
+            print(
+                "oomnb: the simulated device models the caching allocator (reserved, segments, fragmentation)."
+                if simulated_device.caching
+                else "oomnb: the simulated device counts exact allocations (reserved equals allocated)."
+            )
+            return None
         raise UsageError(
             f"unknown %gpumem command {' '.join(args.command)!r}: use status, panel, census, advise, reset, "
-            "auto on|off or limit SIZE|off"
+            "auto on|off, limit SIZE|off, alloc-conf [SETTING] or allocator caching|exact"
         )
+
+    def _alloc_conf(self, text: str | None) -> None:
+        """``%gpumem alloc-conf expandable_segments:True``: PYTORCH_CUDA_ALLOC_CONF for the simulated device."""
+        from ..backends.simulated import device as simulated_device
+
+        if text is not None:
+            try:
+                simulated_device.set_alloc_conf("" if text.lower() in ("off", "default") else text)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+        conf = simulated_device.alloc.conf.to_text() or "the defaults"
+        mode = "" if simulated_device.caching else " (it applies with `%gpumem allocator caching`)"
+        print(f"oomnb: the simulated device's PYTORCH_CUDA_ALLOC_CONF is {conf}{mode}.")
 
     def _backend_or_usage(self, spec: str | None) -> Backend:
         try:
