@@ -198,7 +198,7 @@ def test_sidebar_in_a_real_browser(lab: dict[str, Any], browser: Any) -> None:
     assert "simulated" in text
     # One story, told alike by the sidebar and the inline renderer, with the raw message one click away.
     story = sidebar.locator(".oomnb-story").inner_text()
-    assert story.startswith("needs ") and ", has 7.60 MiB of 8.00 MiB, short by " in story
+    assert story.startswith("needs ") and ", has 7.60 MiB usable of 8.00 MiB, short by " in story
     assert page.locator(".jp-OutputArea .oomnb-story").first.inner_text() == story
     assert "rolled back" not in text or "rolled back: x" in text
     message = sidebar.locator(".oomnb-message")

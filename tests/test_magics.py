@@ -233,7 +233,7 @@ def test_oom_story_is_one_line_told_alike_everywhere(shell: Any) -> None:
     short = baseline + 12 * MiB - int(capacity * 0.95)
     story = (
         f"needs {oomnb.format_bytes(baseline + 12 * MiB)}, has {oomnb.format_bytes(int(capacity * 0.95))} "
-        f"of {oomnb.format_bytes(capacity)}, short by {oomnb.format_bytes(short)}"
+        f"usable of {oomnb.format_bytes(capacity)}, short by {oomnb.format_bytes(short)}"
     )
     assert report.story() == story
     (shown,) = report_bundles(result)
@@ -261,7 +261,7 @@ def test_oom_story_without_a_dry_run_is_a_lower_bound(shell: Any) -> None:
     needs, has = baseline + 4 * MiB + 8 * MiB, int(capacity * 0.95)
     assert (report.oom.needs_bytes, report.oom.has_bytes, report.oom.needs_at_least) == (needs, has, True)
     assert report.story() == (
-        f"needs at least {oomnb.format_bytes(needs)}, has {oomnb.format_bytes(has)} of "
+        f"needs at least {oomnb.format_bytes(needs)}, has {oomnb.format_bytes(has)} usable of "
         f"{oomnb.format_bytes(capacity)}, short by at least {oomnb.format_bytes(needs - has)}"
     )
 
@@ -305,3 +305,21 @@ def test_oom_inside_backward_drops_the_partial_gradients(shell: Any) -> None:
     assert "gradients of 2 parameters" in report.released_names
     assert all(p.grad is None for p in shell.ns["model"].parameters())
     assert shell.allocated() == baseline
+
+
+def test_alloc_conf_and_allocator_commands(shell: Any) -> None:
+    from oomnb.backends.simulated import device
+
+    try:
+        shown = shell.run("%gpumem alloc-conf expandable_segments:True,max_split_size_mb:64").captured.stdout
+        assert "PYTORCH_CUDA_ALLOC_CONF is expandable_segments:True,max_split_size_mb:64" in shown
+        assert device.alloc.conf.expandable_segments and device.alloc.conf.max_split_size == 64 * MiB
+        bad = shell.run("%gpumem alloc-conf max_split_size_mb:8")
+        assert "max_split_size_mb must be above 20, not 8" in str(bad.error_in_exec)
+        assert device.alloc.conf.max_split_size == 64 * MiB  # a bad setting changes nothing
+        assert "models the caching allocator" in shell.run("%gpumem allocator caching").captured.stdout
+        assert device.caching
+    finally:
+        shell.run("%gpumem alloc-conf default")
+        shell.run("%gpumem allocator exact")
+    assert not device.caching and device.alloc.conf.to_text() == ""

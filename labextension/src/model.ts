@@ -382,7 +382,7 @@ export function failure(report: IReport): string {
 }
 
 /**
- * The one line every rendering tells of an OOM, "needs X, has Y of Z, short
+ * The one line every rendering tells of an OOM, "needs X, has Y usable of Z, short
  * by W": the twin of Python's `oomnb.render.report.story` (a test holds them
  * to each other on the same fixture reports). Empty without an OOM.
  */
@@ -398,7 +398,7 @@ export function story(report: IReport): string {
     const capacity = report.device.capacity_bytes || oom.capacity_bytes;
     const of =
       capacity !== null && capacity !== undefined && capacity !== has
-        ? ` of ${formatBytes(capacity)}`
+        ? ` usable of ${formatBytes(capacity)}`
         : '';
     const text = `needs ${atLeast}${formatBytes(needs)}, has ${formatBytes(has)}${of}`;
     const short = needs - has;

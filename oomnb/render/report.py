@@ -53,7 +53,7 @@ def headline(report: Report) -> str:
 
 
 def story(report: Report) -> str:
-    """The one line every rendering tells of an OOM: "needs X, has Y of Z, short by W".
+    """The one line every rendering tells of an OOM: "needs X, has Y usable of Z, short by W".
 
     X is the device total the cell needs at its peak ("at least" where the
     failure only gives a lower bound), Y what the device has for it (what
@@ -66,7 +66,7 @@ def story(report: Report) -> str:
     if oom.needs_bytes is not None and oom.has_bytes is not None:
         at_least = "at least " if oom.needs_at_least else ""
         capacity = report.device.capacity_bytes or oom.capacity_bytes
-        of = f" of {format_bytes(capacity)}" if capacity is not None and capacity != oom.has_bytes else ""
+        of = f" usable of {format_bytes(capacity)}" if capacity is not None and capacity != oom.has_bytes else ""
         text = f"needs {at_least}{format_bytes(oom.needs_bytes)}, has {format_bytes(oom.has_bytes)}{of}"
         short = oom.needs_bytes - oom.has_bytes
         if short > 0:
