@@ -115,3 +115,96 @@ def test_advice_after_a_cuda_oom_runs_isolated_and_leaves_cuda_usable(shell: Any
     assert torch.cuda.memory_allocated() <= baseline
     assert all(torch.equal(a, b) for a, b in zip(weights, shell.ns["model"].parameters(), strict=True))
     assert (torch.ones(4, device="cuda") * 2).sum().item() == 8  # the parent's context still works
+
+
+# -- the caching allocator model against the real allocator ---------------------------------
+_SEQUENCE_CHILD = r"""
+import json, sys, torch
+MiB = 2**20
+cap = sys.argv[2]
+torch.cuda.init()
+if cap != "None":
+    total = torch.cuda.get_device_properties(0).total_memory
+    # A little over, so the fraction's float rounding never lands below the figure.
+    torch.cuda.set_per_process_memory_fraction((int(cap) * MiB + 4096) / total)
+live, failed = {}, [False]
+def A(n):
+    try:
+        t = torch.empty(n, dtype=torch.uint8, device="cuda")
+    except torch.OutOfMemoryError:
+        failed[0] = True
+        return None
+    key = len(live) + 1
+    while key in live:
+        key += 1
+    live[key] = t
+    return key
+def F(key):
+    live.pop(key, None)
+def E():
+    torch.cuda.empty_cache()
+exec(sys.argv[1])
+s = torch.cuda.memory_stats()
+print(json.dumps([s["allocated_bytes.all.current"], s["reserved_bytes.all.current"],
+                  s["reserved_bytes.all.peak"], failed[0]]))
+"""
+
+SEQUENCES = {
+    "mixed": "h = [A(1000), A(MiB), A(MiB + 1), A(12 * MiB), A(30 * MiB)]",
+    "split_merge": "x = A(3 * MiB); y = A(4 * MiB); z = A(13 * MiB - 512 * 1024); F(y); F(x); F(z)",
+    "fragment": "t = [(A(7 * MiB), A(6 * MiB), A(7 * MiB)) for _ in range(10)]\n"
+    "for a, b, c in t: F(a); F(c)\nq = A(10 * MiB)",
+    "max_split": "x = A(40 * MiB); F(x); y = A(8 * MiB); q = A(40 * MiB)",
+    "empty_cache": "b = [A(12 * MiB) for _ in range(3)]; F(b[0]); F(b[1]); E()",
+    "release_first": "F(A(12 * MiB)); q = A(24 * MiB)",
+    "gc": "o = [A(12 * MiB) for _ in range(4)]\nfor b in o: F(b)\nA(14 * MiB); A(16 * MiB)",
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "conf", "capacity_mib"),
+    [
+        ("mixed", "", None),
+        ("split_merge", "", None),
+        ("fragment", "", 200),
+        ("fragment", "expandable_segments:True", 200),
+        ("max_split", "", 70),
+        ("max_split", "max_split_size_mb:32", 70),
+        ("empty_cache", "", None),
+        ("release_first", "", 30),
+        ("gc", "garbage_collection_threshold:0.5", 100),
+    ],
+)
+def test_allocator_model_matches_the_card(name: str, conf: str, capacity_mib: int | None) -> None:
+    """Allocated, reserved, peak reserved and the OOM of a sequence: the model's are the card's, exactly."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from oomnb.allocator.caching import CachingAllocator, parse_alloc_conf
+
+    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF=conf)
+    out = subprocess.run(
+        [sys.executable, "-c", _SEQUENCE_CHILD, SEQUENCES[name], str(capacity_mib)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    real = json.loads(out.stdout.strip().splitlines()[-1])
+    model = CachingAllocator(None if capacity_mib is None else capacity_mib * MiB, parse_alloc_conf(conf))
+    failed = [False]
+
+    def allocate(n: int) -> Any:
+        block = model.malloc(n)
+        failed[0] = failed[0] or block is None
+        return block
+
+    def free(block: Any) -> None:
+        if block is not None:
+            model.free(block)
+
+    exec(SEQUENCES[name], {"A": allocate, "F": free, "E": model.empty_cache, "MiB": MiB})
+    assert [model.allocated, model.reserved, model.peak_reserved, failed[0]] == real
