@@ -14,7 +14,12 @@ from .model.report import MIME_TYPE, SCHEMA_VERSION, Report, Suggestion
 from .model.units import CARDS, format_bytes, parse_size
 from .notebook.history import history, last_report
 
-__version__ = "0.1.0"
+try:
+    # Written by the build (hatch's version hook) from labextension/package.json:
+    # one version for the Python package and the npm package.
+    from ._version import __version__
+except ImportError:  # a source tree that was never built or installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "CARDS",
