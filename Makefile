@@ -29,9 +29,10 @@ demo: $(STAMP) $(LAB)
 	$(BIN)/python -m oomnb demo
 	$(BIN)/python -m oomnb profile example_notebooks/02_catching_an_oom.ipynb --limit 256MiB
 
-lint: $(STAMP)
+lint: $(STAMP) $(LAB)
 	$(BIN)/ruff check oomnb tests benchmarks
 	$(BIN)/ruff format --check oomnb tests benchmarks
+	cd labextension && jlpm lint:check
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -55,7 +55,11 @@ export const SUGGESTION_KINDS = [
 export type SuggestionKind = (typeof SUGGESTION_KINDS)[number];
 
 /** How a suggestion's code is applied (the JSON Schema's enum). */
-export const SUGGESTION_APPLIES = ['replace_cell', 'run_first', 'setup'] as const;
+export const SUGGESTION_APPLIES = [
+  'replace_cell',
+  'run_first',
+  'setup'
+] as const;
 
 /** One change that would make the cell fit. */
 export interface ISuggestion {
@@ -171,7 +175,8 @@ export function parseReport(data: unknown): IParsed {
     if (
       !isObject(s) ||
       !(SUGGESTION_KINDS as readonly unknown[]).includes(s.kind) ||
-      (s.apply !== undefined && !(SUGGESTION_APPLIES as readonly unknown[]).includes(s.apply)) ||
+      (s.apply !== undefined &&
+        !(SUGGESTION_APPLIES as readonly unknown[]).includes(s.apply)) ||
       typeof s.title !== 'string' ||
       typeof s.detail !== 'string' ||
       typeof s.code !== 'string' ||
@@ -298,7 +303,8 @@ export class ReportLog {
       }
       session.clear();
     }
-    state.historySaved = !this.restarted && session.size === 0 && saved.size > 0;
+    state.historySaved =
+      !this.restarted && session.size === 0 && saved.size > 0;
     const points = state.historySaved ? saved : session;
     state.history = [...points.entries()]
       .sort((a, b) => a[0] - b[0])
@@ -360,7 +366,10 @@ function twoDecimals(value: number, factor: number): string {
   }
   let hundredths = Math.floor(scaled / factor);
   const remainder = scaled - hundredths * factor;
-  if (2 * remainder > factor || (2 * remainder === factor && hundredths % 2 === 1)) {
+  if (
+    2 * remainder > factor ||
+    (2 * remainder === factor && hundredths % 2 === 1)
+  ) {
     hundredths += 1;
   }
   const whole = Math.floor(hundredths / 100);
@@ -418,7 +427,8 @@ export function story(report: IReport): string {
 /** One line for auto mode, as Python's `headline`: "oomnb [3] delta +4.00 KiB, peak ...". */
 export function headline(report: IReport): string {
   const cell = report.cell !== null ? `[${report.cell}]` : '[-]';
-  const where = report.device.kind === 'simulated' ? 'simulated' : report.device.name;
+  const where =
+    report.device.kind === 'simulated' ? 'simulated' : report.device.name;
   let text =
     `oomnb ${cell} delta ${formatBytes(report.delta_bytes, true)}, ` +
     `peak ${formatBytes(report.peak_bytes)}, ${report.duration_s.toFixed(2)} s (${where})`;

@@ -31,5 +31,7 @@ export function findReports(panel: NotebookPanel): IFound[] {
 
 /** Whether a cell's source loads oomnb (`%load_ext oomnb`, or `import oomnb`). */
 export function loadsOomnb(source: string): boolean {
-  return /^\s*(%load_ext\s+oomnb\b|import\s+oomnb\b|from\s+oomnb\b)/m.test(source);
+  return /^\s*(%load_ext\s+oomnb\b|import\s+oomnb\b|from\s+oomnb\b)/m.test(
+    source
+  );
 }

@@ -52,7 +52,10 @@ export class MemorySidebar extends Widget {
       const panel = this.panelOf(args.notebook);
       const tracked = panel ? this.notebooks.get(panel) : undefined;
       if (panel && tracked) {
-        if (args.success && loadsOomnb(args.cell.model.sharedModel.getSource())) {
+        if (
+          args.success &&
+          loadsOomnb(args.cell.model.sharedModel.getSource())
+        ) {
           tracked.loaded = true;
         }
         this.readNotebook(panel);

@@ -34,7 +34,9 @@ export function renderReport(report: IReport): HTMLElement {
   const head = el('div', 'oomnb-device');
   const kind = report.device.kind === 'simulated' ? 'simulated' : 'CUDA';
   head.appendChild(el('span', 'oomnb-device-name', report.device.name));
-  head.appendChild(el('span', `oomnb-badge oomnb-badge-${report.device.kind}`, kind));
+  head.appendChild(
+    el('span', `oomnb-badge oomnb-badge-${report.device.kind}`, kind)
+  );
   const cap = report.device.capacity_bytes;
   head.appendChild(
     el('span', 'oomnb-capacity', cap !== null ? formatBytes(cap) : 'no limit')
@@ -103,7 +105,11 @@ export function renderReport(report: IReport): HTMLElement {
 /** The OOM box: the story, why, what recovery did, and the error's own words one click away. */
 export function renderOom(report: IReport): HTMLElement {
   const oom = el('div', 'oomnb-oom');
-  const title = el('div', 'oomnb-oom-title', `Out of memory (${failure(report)})`);
+  const title = el(
+    'div',
+    'oomnb-oom-title',
+    `Out of memory (${failure(report)})`
+  );
   const told = story(report);
   if (told) {
     title.appendChild(document.createTextNode(': '));
@@ -125,23 +131,25 @@ export function renderOom(report: IReport): HTMLElement {
  * Auto mode's compact form: one line (and the OOM's story) that opens to the
  * whole report, as the HTML fallback does.
  */
-export function renderCompact(report: IReport, full: () => HTMLElement): HTMLElement {
+export function renderCompact(
+  report: IReport,
+  full: () => HTMLElement
+): HTMLElement {
   if (!report.oom) {
     return el('div', 'oomnb-compact oomnb-headline', headline(report));
   }
   const box = el('details', 'oomnb-compact') as HTMLDetailsElement;
   const summary = el('summary');
   summary.appendChild(el('span', 'oomnb-headline', headline(report)));
-  summary.appendChild(el('div', 'oomnb-story', `${failure(report)}: ${story(report)}`));
-  box.appendChild(summary);
-  box.addEventListener(
-    'toggle',
-    () => {
-      if (box.open && box.childElementCount === 1) {
-        box.appendChild(full());
-      }
-    }
+  summary.appendChild(
+    el('div', 'oomnb-story', `${failure(report)}: ${story(report)}`)
   );
+  box.appendChild(summary);
+  box.addEventListener('toggle', () => {
+    if (box.open && box.childElementCount === 1) {
+      box.appendChild(full());
+    }
+  });
   return box;
 }
 
@@ -187,13 +195,19 @@ export function renderSuggestions(
     );
     item.appendChild(el('div', 'oomnb-suggestion-detail', suggestion.detail));
     if (suggestion.code) {
-      item.appendChild(el('div', 'oomnb-apply', APPLY_WORDS[suggestion.apply ?? 'run_first']));
+      item.appendChild(
+        el('div', 'oomnb-apply', APPLY_WORDS[suggestion.apply ?? 'run_first'])
+      );
       item.appendChild(el('pre', 'oomnb-code', suggestion.code));
       if (actions) {
         const buttons = el('div', 'oomnb-buttons');
         const copy = el('button', 'jp-Button oomnb-copy', 'Copy');
         copy.addEventListener('click', () => actions.copy(suggestion.code));
-        const insert = el('button', 'jp-Button oomnb-insert', 'Insert cell below');
+        const insert = el(
+          'button',
+          'jp-Button oomnb-insert',
+          'Insert cell below'
+        );
         insert.addEventListener('click', () => actions.insert(suggestion.code));
         buttons.append(copy, insert);
         item.appendChild(buttons);

@@ -18,22 +18,38 @@ import {
 
 const ROOT = path.join(__dirname, '..', '..');
 const SCHEMA = JSON.parse(
-  fs.readFileSync(path.join(ROOT, 'oomnb', 'schema', 'report.schema.json'), 'utf8')
+  fs.readFileSync(
+    path.join(ROOT, 'oomnb', 'schema', 'report.schema.json'),
+    'utf8'
+  )
 );
 /** Real reports written by Python (tests/report_fixtures.py), with the story Python tells of each. */
 const FIXTURES = JSON.parse(
   fs.readFileSync(path.join(ROOT, 'tests', 'fixtures', 'reports.json'), 'utf8')
 ) as {
-  reports: { name: string; report: Record<string, unknown>; story: string; headline: string }[];
+  reports: {
+    name: string;
+    report: Record<string, unknown>;
+    story: string;
+    headline: string;
+  }[];
   format_bytes: [number, string][];
 };
 
-function report(overrides: Record<string, unknown> = {}): Record<string, unknown> {
+function report(
+  overrides: Record<string, unknown> = {}
+): Record<string, unknown> {
   return {
     schema_version: 1,
     cell: 3,
     source: 'x = torch.randn(1024)',
-    device: { kind: 'simulated', name: 'simulated T4', index: 0, capacity_bytes: 15837691904, card: 'T4' },
+    device: {
+      kind: 'simulated',
+      name: 'simulated T4',
+      index: 0,
+      capacity_bytes: 15837691904,
+      card: 'T4'
+    },
     baseline_bytes: 0,
     end_bytes: 4096,
     delta_bytes: 4096,
@@ -71,7 +87,19 @@ describe('parseReport', () => {
     ['peak_bytes', 'many'],
     ['device', { kind: 'tpu', name: 'x', index: 0, capacity_bytes: null }],
     ['oom', { requested_bytes: 'lots' }],
-    ['suggestions', [{ kind: 'batch_size', title: 't', detail: 'd', code: '', saves_bytes: 1, source: 'guess' }]],
+    [
+      'suggestions',
+      [
+        {
+          kind: 'batch_size',
+          title: 't',
+          detail: 'd',
+          code: '',
+          saves_bytes: 1,
+          source: 'guess'
+        }
+      ]
+    ],
     ['suggestions', 'none']
   ])('refuses a malformed %s', (key, value) => {
     const parsed = parseReport(report({ [key]: value }));
@@ -85,8 +113,14 @@ describe('parseReport', () => {
   });
 
   it('keeps markup in strings as data', () => {
-    const parsed = parseReport(report({ batch_var: { name: 'x', value: '<img src=x onerror=alert(1)>' } }));
-    expect(parsed.report?.batch_var?.value).toBe('<img src=x onerror=alert(1)>');
+    const parsed = parseReport(
+      report({
+        batch_var: { name: 'x', value: '<img src=x onerror=alert(1)>' }
+      })
+    );
+    expect(parsed.report?.batch_var?.value).toBe(
+      '<img src=x onerror=alert(1)>'
+    );
   });
 });
 
@@ -100,7 +134,19 @@ describe('notebookState', () => {
   it('takes the last saved report in document order as the latest, whatever its execution count', () => {
     const state = notebookState([
       { cellIndex: 1, data: report({ cell: 7, peak_bytes: 300 }) },
-      { cellIndex: 3, data: report({ cell: 4, peak_bytes: 200, oom: { requested_bytes: 10, free_bytes: 1, capacity_bytes: 8, message: 'CUDA out of memory.' } }) },
+      {
+        cellIndex: 3,
+        data: report({
+          cell: 4,
+          peak_bytes: 200,
+          oom: {
+            requested_bytes: 10,
+            free_bytes: 1,
+            capacity_bytes: 8,
+            message: 'CUDA out of memory.'
+          }
+        })
+      },
       { cellIndex: 5, data: report({ cell: 2, peak_bytes: 150 }) }
     ]);
     expect(state.latest?.cell).toBe(2);
@@ -144,7 +190,9 @@ describe('ReportLog', () => {
     expect(state.latestCellIndex).toBe(2);
     // The chart shows this session's cells only.
     expect(state.historySaved).toBe(false);
-    expect(state.history.map(p => [p.cellIndex, p.executionCount, p.peakBytes])).toEqual([[2, 3, 999]]);
+    expect(
+      state.history.map(p => [p.cellIndex, p.executionCount, p.peakBytes])
+    ).toEqual([[2, 3, 999]]);
     // Another restart: nothing of the new session yet, so nothing charted; the latest stays.
     log.newSession();
     const quiet = log.read([saved[0], rerun, saved[2]]);
@@ -233,10 +281,24 @@ describe('suggestion vocabulary', () => {
   });
 
   it('refuses a suggestion of an unknown kind, in one line', () => {
-    const suggestion = { kind: 'buy_a_bigger_gpu', title: 't', detail: 'd', saves_bytes: null, params: {}, code: '', source: 'rule' };
+    const suggestion = {
+      kind: 'buy_a_bigger_gpu',
+      title: 't',
+      detail: 'd',
+      saves_bytes: null,
+      params: {},
+      code: '',
+      source: 'rule'
+    };
     const parsed = parseReport(report({ suggestions: [suggestion] }));
     expect(parsed.error).toBe('oomnb report: malformed suggestion');
-    const known = parseReport(report({ suggestions: [{ ...suggestion, kind: 'combination', apply: 'replace_cell' }] }));
+    const known = parseReport(
+      report({
+        suggestions: [
+          { ...suggestion, kind: 'combination', apply: 'replace_cell' }
+        ]
+      })
+    );
     expect(known.error).toBeUndefined();
   });
 });
