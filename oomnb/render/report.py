@@ -119,6 +119,16 @@ def _saves(saves_bytes: int | None) -> str:
     return f"saves {format_bytes(saves_bytes)}" if saves_bytes else "saving unknown"
 
 
+def _oom_lines(report: Report, head: str, indent: str) -> list[str]:
+    """``head`` with the story, then why and what recovery did: the OOM in the text renderings."""
+    told = story(report)
+    lines = [head + (f": {told}" if told else "")]
+    if report.oom is not None and report.oom.diagnosis:
+        lines.append(f"{indent}why: {report.oom.diagnosis}")
+    lines.append(indent + _recovered(report))
+    return lines
+
+
 def to_text(report: Report) -> str:
     lines = [f"oomnb · cell {report.cell if report.cell is not None else '-'} · {report.device_label()}"]
     if report.dry_run:
@@ -126,12 +136,8 @@ def to_text(report: Report) -> str:
     lines.append("  " + " · ".join(f"{label} {value}" for label, value in _figures(report)))
     oom = report.oom
     if oom is not None:
-        told = story(report)
-        lines.append(f"  OUT OF MEMORY ({_failure(report)})" + (f": {told}" if told else ""))
-        if oom.diagnosis:
-            lines.append("    why: " + oom.diagnosis)
-        lines.append("    " + _recovered(report))
-        if not told and oom.message.strip():
+        lines.extend(_oom_lines(report, f"  OUT OF MEMORY ({_failure(report)})", "    "))
+        if not story(report) and oom.message.strip():
             # No figures to tell: the error's own words (the HTML keeps them one click away).
             lines.append("    error message: " + oom.message.strip().splitlines()[0][:300])
     lines.extend(f"  note: {note}" for note in report.notes)
@@ -150,13 +156,8 @@ def to_text(report: Report) -> str:
 def compact_text(report: Report) -> str:
     """What auto mode prints under a cell: the headline, and for an OOM its story and the suggestions' titles."""
     lines = [headline(report)]
-    oom = report.oom
-    if oom is not None:
-        told = story(report)
-        lines.append(f"  {_failure(report)}" + (f": {told}" if told else ""))
-        if oom.diagnosis:
-            lines.append("  why: " + oom.diagnosis)
-        lines.append("  " + _recovered(report))
+    if report.oom is not None:
+        lines.extend(_oom_lines(report, f"  {_failure(report)}", "  "))
         for number, suggestion in enumerate(report.suggestions, 1):
             fit = f"; {_FIT[suggestion.fits]}" if suggestion.fits is not None else ""
             lines.append(f"  {number}. {suggestion.title} [{_saves(suggestion.saves_bytes)}{fit}]")
