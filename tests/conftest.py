@@ -76,8 +76,12 @@ def shell() -> Iterator[Shell]:
     finally:
         ip.run_line_magic("unload_ext", "oomnb")
         ip.reset(new_session=False)
-        for name in ("last_type", "last_value", "last_traceback", "last_exc"):
-            import sys
+        # The singleton keeps the last error (its result, and the traceback
+        # for %debug) and through it the frames of a failed cell: tensors a
+        # later test would find on the device.  Clear them as the panel does.
+        from oomnb.notebook.recovery import clear_last_traceback
 
-            if hasattr(sys, name):
-                delattr(sys, name)
+        clear_last_traceback()
+        ip.last_execution_result = None
+        if getattr(ip.InteractiveTB, "tb", None) is not None:
+            ip.InteractiveTB.tb = None

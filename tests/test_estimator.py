@@ -13,7 +13,17 @@ from oomnb.backends.simulated import SimulatedDevice
 
 from .models import classification_step, workloads
 
-WORKLOADS = workloads()
+#: Built per module, not at import: tensors made at collection would sit on the
+#: simulated device under every later test of the run.
+WORKLOAD_NAMES = ("mlp", "cnn", "transformer encoder", "lstm", "gpt")
+
+
+@pytest.fixture(scope="module")
+def suite() -> Any:
+    built = workloads()
+    assert tuple(built) == WORKLOAD_NAMES
+    yield built
+    built.clear()
 
 
 def real_peak(model: torch.nn.Module, step: Any, inputs: tuple[torch.Tensor, ...]) -> tuple[int, int]:
@@ -41,9 +51,9 @@ LSTM_GAP = pytest.mark.xfail(
 )
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=LSTM_GAP) if n == "lstm" else n for n in WORKLOADS])
-def test_dry_run_peak_within_5_percent_of_real(name: str) -> None:
-    model, step, inputs = WORKLOADS[name]
+@pytest.mark.parametrize("name", [pytest.param(n, marks=LSTM_GAP) if n == "lstm" else n for n in WORKLOAD_NAMES])
+def test_dry_run_peak_within_5_percent_of_real(name: str, suite: Any) -> None:
+    model, step, inputs = suite[name]
     real, start = real_peak(model, step, inputs)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     run = dry_run(step, model, opt, *inputs)
@@ -51,8 +61,8 @@ def test_dry_run_peak_within_5_percent_of_real(name: str) -> None:
     assert abs(run.peak_bytes - real) <= 0.05 * real, (name, run.peak_bytes, real)
 
 
-def test_users_objects_are_unchanged() -> None:
-    model, step, inputs = WORKLOADS["mlp"]
+def test_users_objects_are_unchanged(suite: Any) -> None:
+    model, step, inputs = suite["mlp"]
     model = copy.deepcopy(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     classification_step(model, opt, *inputs)  # real state and real grads exist
@@ -72,8 +82,8 @@ def test_users_objects_are_unchanged() -> None:
             assert torch.equal(after["state"][index][key], value)
 
 
-def test_batch_size_changes_activations_linearly() -> None:
-    model, step, inputs = WORKLOADS["mlp"]
+def test_batch_size_changes_activations_linearly(suite: Any) -> None:
+    model, step, inputs = suite["mlp"]
     opt = torch.optim.AdamW(model.parameters())
     small = dry_run(step, model, opt, *inputs, batch_size=32)
     large = dry_run(step, model, opt, *inputs, batch_size=64)
@@ -82,8 +92,8 @@ def test_batch_size_changes_activations_linearly() -> None:
     assert (double.peak_bytes - large.peak_bytes) == pytest.approx(2 * (large.peak_bytes - small.peak_bytes), rel=0.02)
 
 
-def test_find_max_batch_is_verified_and_never_above_the_budget() -> None:
-    model, step, inputs = WORKLOADS["mlp"]
+def test_find_max_batch_is_verified_and_never_above_the_budget(suite: Any) -> None:
+    model, step, inputs = suite["mlp"]
     opt = torch.optim.AdamW(model.parameters())
     capacity = 24 * 1024**2
     fit = find_max_batch(step, model, opt, *inputs, capacity_bytes=capacity, margin=0.05)
@@ -100,8 +110,8 @@ def test_find_max_batch_is_verified_and_never_above_the_budget() -> None:
     assert real <= capacity * 0.95
 
 
-def test_what_ifs_bf16_and_checkpointing_save_memory() -> None:
-    model, step, inputs = WORKLOADS["gpt"]
+def test_what_ifs_bf16_and_checkpointing_save_memory(suite: Any) -> None:
+    model, step, inputs = suite["gpt"]
     opt = torch.optim.AdamW(model.parameters())
     results = what_ifs(step, model, opt, *inputs)
     base = results["as is"]
@@ -113,8 +123,8 @@ def test_what_ifs_bf16_and_checkpointing_save_memory() -> None:
     assert isinstance(results["no_grad"], str)  # backward cannot run under no_grad
 
 
-def test_logging_item_does_not_stop_a_dry_run() -> None:
-    model, step, inputs = WORKLOADS["mlp"]
+def test_logging_item_does_not_stop_a_dry_run(suite: Any) -> None:
+    model, step, inputs = suite["mlp"]
     opt = torch.optim.AdamW(model.parameters())
 
     def logged(*args: Any) -> None:
