@@ -168,3 +168,35 @@ def test_alloc_conf_round_trips() -> None:
     text = "expandable_segments:True,max_split_size_mb:64,garbage_collection_threshold:0.6,roundup_power2_divisions:4"
     assert parse_alloc_conf(text).to_text() == text
     assert parse_alloc_conf(" backend:native , expandable_segments:False").to_text() == ""
+
+
+@pytest.mark.parametrize("conf", ["", "expandable_segments:True"])
+def test_a_clone_goes_on_exactly_as_the_original(conf: str) -> None:
+    """A dry run goes on from a copy: the copy must behave block for block as the original would."""
+    a = CachingAllocator(200 * MiB, parse_alloc_conf(conf))
+    middles = _fragment(a)
+    twin, copies = a.clone(middles)
+    assert len(copies) >= len(middles)
+    for name in ("allocated", "reserved", "segments"):
+        assert getattr(twin, name) == getattr(a, name)
+    assert twin.memory_stats() == a.memory_stats()
+    # The same requests on both give the same figures and the same OOM point.
+    for allocator, held in ((a, middles), (twin, [copies[id(m)] for m in middles])):
+        allocator.free(held[3])
+        allocator.free(held[4])
+        assert allocator.malloc(10 * MiB) is not None  # [7][6 freed][7][7][6 freed][7]: 27 MiB free run
+    assert (twin.allocated, twin.reserved, twin.memory_stats()) == (a.allocated, a.reserved, a.memory_stats())
+    # The copy is independent: what happens to it leaves the original alone.
+    twin.free(copies[id(middles[0])])
+    assert twin.allocated == a.allocated - 6 * MiB
+
+
+def test_overcommit_measures_past_the_capacity_after_the_releases() -> None:
+    """A dry run's allocator never raises: it tries the releases the real one would, then goes over."""
+    a = CachingAllocator(200 * MiB)
+    _fragment(a)
+    a.overcommit = True
+    block = a.malloc(10 * MiB)
+    assert block is not None and a.overcommitted == 1
+    # No cached segment was wholly free, so none was released: 200 + a 10 MiB segment.
+    assert a.reserved == 210 * MiB and a.peak_reserved == 210 * MiB

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import bisect
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 __all__ = ["AllocConf", "Block", "CachingAllocator", "parse_alloc_conf"]
@@ -243,6 +244,10 @@ class CachingAllocator:
         self.pool_reserved = {True: 0, False: 0}
         self.num_alloc_retries = 0
         self.num_ooms = 0
+        #: Dry runs measure past the capacity: a request that would be the OOM is
+        #: allocated anyway (after the releases the real allocator tries) and counted here.
+        self.overcommit = False
+        self.overcommitted = 0
         self._next_addr = 1 << 32
         self._segment_ids = 0
 
@@ -281,6 +286,9 @@ class CachingAllocator:
                 block = self._alloc_block(pool, size, force)
             if block is None and self._release_cached():
                 block = self._alloc_block(pool, size, force)
+            if block is None and self.overcommit:
+                self.overcommitted += 1
+                block = self._alloc_block(pool, size, True)
             if block is None:
                 self.num_ooms += 1
                 return None
@@ -608,6 +616,58 @@ class CachingAllocator:
                     nxt.next.prev = block
                 continue
             block = nxt
+
+    # -- copies --------------------------------------------------------------------------
+    def clone(self, allocated: Iterable[Block] = ()) -> tuple[CachingAllocator, dict[int, Block]]:
+        """A copy of this allocator, segments and all, for a dry run to go on from.
+
+        The allocator keeps only its free blocks; ``allocated`` are the blocks
+        the caller holds (the tracker's live storages).  Every block of every
+        segment they belong to is copied, links included, without recursion.
+        Returns the copy and, by ``id`` of each original block, its copy.
+        """
+        twin = CachingAllocator(self.capacity, self.conf, caching=self.caching)
+        for name in (
+            "allocated",
+            "reserved",
+            "peak_allocated",
+            "peak_reserved",
+            "segments",
+            "num_alloc_retries",
+            "num_ooms",
+            "_next_addr",
+            "_segment_ids",
+        ):
+            setattr(twin, name, getattr(self, name))
+        twin.pool_reserved = dict(self.pool_reserved)
+        pools = {id(self.small): twin.small, id(self.large): twin.large}
+        seen: dict[int, Block] = {}
+        starts: list[Block] = [*self.small.free.values(), *self.large.free.values(), *allocated]
+        starts += [pool.expandable for pool in (self.small, self.large) if pool.expandable is not None]
+        for start in starts:
+            if id(start) in seen:
+                continue
+            first = start
+            while first.prev is not None:
+                first = first.prev
+            block: Block | None = first
+            previous: Block | None = None
+            while block is not None:
+                copied = Block(block.addr, block.size, pools[id(block.pool)], block.segment)
+                copied.allocated, copied.mapped = block.allocated, block.mapped
+                copied.requested, copied.since = block.requested, block.since
+                copied.prev = previous
+                if previous is not None:
+                    previous.next = copied
+                seen[id(block)] = copied
+                previous, block = copied, block.next
+        for pool in (self.small, self.large):
+            other = pools[id(pool)]
+            other.keys = list(pool.keys)
+            other.free = {addr: seen[id(block)] for addr, block in pool.free.items()}
+            other.searches = pool.searches
+            other.expandable = seen[id(pool.expandable)] if pool.expandable is not None else None
+        return twin, seen
 
     # -- figures -------------------------------------------------------------------------
     @property
