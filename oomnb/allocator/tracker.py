@@ -102,6 +102,17 @@ def _factory_bytes(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     return numel * dtype.itemsize
 
 
+# The matrix products that go to cuBLAS: the first one on a card takes cuBLAS's workspace.
+_BLAS = {
+    _aten.mm.default,
+    _aten.addmm.default,
+    _aten.bmm.default,
+    _aten.baddbmm.default,
+    _aten.mv.default,
+    _aten.addmv.default,
+    _aten._addmm_activation.default,
+}
+
 _OP_FACTS: dict[Any, tuple[bool, bool]] = {}
 
 
@@ -151,6 +162,8 @@ class _TrackingMode(TorchDispatchMode):
             out = func(*args, **kwargs)
             owner.ignore(out)
             return out
+        if owner.workspace_due and func in _BLAS:
+            owner.take_workspace()
         factory, resizes = _OP_FACTS.get(func) or _op_facts(func)
         if factory and owner.capacity is not None:
             device = kwargs.get("device")
@@ -211,6 +224,10 @@ class SimulatedDevice:
         #: workspaces): the allocator may reserve the capacity less this.
         self._context = 0
         self.card: Card | None = None
+        #: cuBLAS's workspace, taken from the allocator at the first matrix
+        #: product on a named card (bytes still to take, and the block once taken).
+        self.workspace_due = 0
+        self.workspace: Block | int | None = None
         self.paused = 0
         self.num_ooms = 0
         #: Exact figures of the last simulated OOM: (requested, allocated, capacity, reserved).
@@ -301,6 +318,7 @@ class SimulatedDevice:
         with self._lock:
             self._live.clear()
             self._ignored.clear()
+            self.workspace, self.workspace_due = None, 0
             self.alloc = CachingAllocator(self.alloc.capacity, self.alloc.conf, caching=self.alloc.caching)
 
     def _scan_existing(self) -> None:
@@ -358,6 +376,57 @@ class SimulatedDevice:
                 return -self.alloc.round_size(nbytes)
             self._live[key] = (weakref.ref(storage, self._release_callback(key)), nbytes, taken)
         return taken if isinstance(taken, int) else taken.size
+
+    def take_workspace(self) -> None:
+        """cuBLAS's workspace: allocated once, at the first matrix product, and kept (an OOM if it cannot be)."""
+        nbytes, self.workspace_due = self.workspace_due, 0
+        with self._lock:
+            taken = self._take(nbytes, True)
+        if taken is None:
+            self.workspace_due = nbytes
+            self.raise_oom(self.alloc.round_size(nbytes))
+        self.workspace = taken
+
+    def allocator_copy(self) -> tuple[CachingAllocator, dict[int, Block]]:
+        """A copy of the allocator as it stands, and the copy of each live storage's block, by storage id.
+
+        A dry run goes on from it: the notebook's other tensors keep their
+        blocks, so the cell meets the same segments and the same fragmentation.
+        """
+        with self._lock:
+            held = {key: entry[2] for key, entry in self._live.items() if isinstance(entry[2], Block)}
+            kept = [*held.values(), *([self.workspace] if isinstance(self.workspace, Block) else [])]
+            twin, copies = self.alloc.clone(kept)
+        return twin, {key: copies[id(block)] for key, block in held.items()}
+
+    def replayed(self, conf: Any) -> tuple[CachingAllocator, dict[int, Block]]:
+        """A new allocator with ``conf`` that has allocated the live storages again, in the order they came.
+
+        What the device would hold had the notebook run from the start with
+        that ``PYTORCH_CUDA_ALLOC_CONF``; the blocks are returned by storage id.
+        """
+        with self._lock:
+            twin = CachingAllocator(self.alloc.capacity, conf, caching=True)
+            if isinstance(self.workspace, (Block, int)) and self.workspace:
+                size = self.workspace.requested if isinstance(self.workspace, Block) else self.workspace
+                twin.malloc(size, force=True)
+            blocks: dict[int, Block] = {}
+            for key, (_ref, nbytes, _held) in self._live.items():
+                block = twin.malloc(nbytes, force=True) if nbytes else None
+                if block is not None:
+                    blocks[key] = block
+        twin.reset_peak()
+        return twin, blocks
+
+    def adopt(self, tensor: torch.Tensor, block: Block) -> None:
+        """Count ``tensor``'s storage as holding ``block`` (already allocated in this allocator)."""
+        storage = self._storage(tensor)
+        if storage is None:
+            return
+        key = id(storage)
+        with self._lock:
+            if key not in self._live:
+                self._live[key] = (weakref.ref(storage, self._release_callback(key)), storage.nbytes(), block)
 
     def _take(self, nbytes: int, check: bool) -> Block | int | None:
         """Allocate ``nbytes``: a Block from the caching model, or (no cache) just its rounded size.

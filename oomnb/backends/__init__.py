@@ -57,9 +57,13 @@ class Backend(Protocol):
 
     def reset_peak(self) -> None: ...
 
-    def limit(self, nbytes: int | None, card: Card | None = None) -> None: ...
+    def limit(self, nbytes: int | None, card: Card | None = None, context: int | None = None) -> None: ...
 
     def current_limit(self) -> tuple[int | None, Card | None]: ...
+
+    def current_context(self) -> int:
+        """Non-PyTorch memory of this process on the device (the CUDA context, libraries)."""
+        ...
 
     def empty_cache(self) -> None: ...
 
@@ -126,14 +130,19 @@ def get_backend(spec: str | None = None) -> Backend:
 
 
 @contextlib.contextmanager
-def limited(backend: Backend, nbytes: int | None, card: Card | None = None) -> Iterator[None]:
-    """Run with ``backend`` capped at ``nbytes``, then restore its former cap."""
-    if nbytes is None:
+def limited(
+    backend: Backend, nbytes: int | None, card: Card | None = None, context: int | None = None
+) -> Iterator[None]:
+    """Run with ``backend`` capped at ``nbytes`` (and ``context`` of it held outside PyTorch), then restore."""
+    if nbytes is None and context is None:
         yield
         return
     before, before_card = backend.current_limit()
-    backend.limit(nbytes, card)
+    before_context = backend.current_context()
+    if nbytes is None:
+        nbytes, card = before, before_card
+    backend.limit(nbytes, card, context)
     try:
         yield
     finally:
-        backend.limit(before, before_card)
+        backend.limit(before, before_card, before_context)

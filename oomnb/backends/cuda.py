@@ -90,7 +90,16 @@ class CudaBackend:
     def current_limit(self) -> tuple[int | None, Card | None]:
         return self._limit, self._card
 
-    def limit(self, nbytes: int | None, card: Card | None = None) -> None:
+    def current_context(self) -> int:
+        """What this process holds outside PyTorch's allocator: the card's total less free less reserved
+        (other processes on the card count here too)."""
+        if not self._initialised() or self._limit is not None:
+            return 0  # a cap (a memory fraction) bounds PyTorch's own reserved memory only
+        free, total = (int(v) for v in torch.cuda.mem_get_info(self.index))
+        return max(0, total - free - int(torch.cuda.memory_reserved(self.index)))
+
+    def limit(self, nbytes: int | None, card: Card | None = None, context: int | None = None) -> None:
+        # ``context`` is the simulated device's: a card has its own.
         self._limit = nbytes
         self._card = card if nbytes is not None else None
         if nbytes is None and not self._initialised():

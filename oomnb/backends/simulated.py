@@ -56,9 +56,20 @@ class SimulatedBackend:
     def card(self) -> Card | None:
         return self.sim.card
 
-    def limit(self, nbytes: int | None, card: Card | None = None) -> None:
-        self.sim.capacity = nbytes
-        self.sim.card = card if nbytes is not None else None
+    def limit(self, nbytes: int | None, card: Card | None = None, context: int | None = None) -> None:
+        """Cap the device at ``nbytes``; a named ``card`` brings its CUDA context (``context`` sets
+        another figure) and cuBLAS's workspace at the first matrix product."""
+        sim = self.sim
+        sim.card = card if nbytes is not None else None
+        if context is None:
+            context = card.context_bytes if card is not None and nbytes is not None else 0
+        sim.context = context
+        sim.capacity = nbytes
+        due = card.cublas_workspace_bytes if card is not None and nbytes is not None else 0
+        sim.workspace_due = due if sim.workspace is None else 0
+
+    def current_context(self) -> int:
+        return self.sim.context
 
     def current_limit(self) -> tuple[int | None, Card | None]:
         return self.sim.capacity, self.sim.card

@@ -67,6 +67,9 @@ class DeviceInfo:
     index: int
     capacity_bytes: int | None
     card: str | None = None
+    #: Of the capacity, what the process holds outside PyTorch's allocator
+    #: (the CUDA context, libraries): PyTorch can reserve the rest.
+    context_bytes: int = 0
 
 
 @dataclass

@@ -192,6 +192,36 @@ class Card:
     capacity_bytes: int
     bf16: bool
     description: str
+    #: Hopper and newer (compute capability 9.0+): cuBLAS's larger default workspace.
+    hopper: bool = False
+
+    @property
+    def context_bytes(self) -> int:
+        """What a PyTorch process holds on this card outside PyTorch's allocator: the CUDA context.
+
+        About 300 MB since CUDA 11.7 loads kernels lazily (ptrblck in
+        pytorch/pytorch#107667, 2023; 300-700 MB before, #28113, #20532).  It
+        varies with the driver and with the kernels a process has used; this
+        is one figure for every card until each is measured (``--context``
+        sets another).
+        """
+        return CUDA_CONTEXT_BYTES
+
+    @property
+    def cublas_workspace_bytes(self) -> int:
+        """The workspace cuBLAS takes from PyTorch's allocator at the first matrix product.
+
+        PyTorch's default ``CUBLAS_WORKSPACE_CONFIG`` is ``:4096:2:16:8`` (two
+        4 MiB and eight 16 KiB buffers: 8,519,680 B), and ``:4096:8`` (32 MiB)
+        on compute capability 9.0 and newer (``getChosenWorkspaceSize`` in
+        ``aten/src/ATen/cuda/CublasHandlePool.cpp``).  32 MiB was measured on an
+        H100 as ``memory_allocated()`` after the first ``mm``.
+        """
+        return 4096 * 1024 * 8 if self.hopper else 4096 * 1024 * 2 + 16 * 1024 * 8
+
+
+#: The CUDA context of a PyTorch process (see :attr:`Card.context_bytes`).
+CUDA_CONTEXT_BYTES = 300 * MiB
 
 
 def _gib(value: float) -> int:
@@ -212,8 +242,8 @@ CARDS: dict[str, Card] = {
         Card("A6000", _gib(47.53), True, "NVIDIA RTX A6000 48 GB"),
         Card("A100-40GB", _gib(39.39), True, "NVIDIA A100 40 GB"),
         Card("A100-80GB", _gib(79.15), True, "NVIDIA A100 80 GB"),
-        Card("H100", _gib(79.18), True, "NVIDIA H100 80 GB"),
-        Card("H200", _gib(139.81), True, "NVIDIA H200 141 GB"),
+        Card("H100", _gib(79.18), True, "NVIDIA H100 80 GB", hopper=True),
+        Card("H200", _gib(139.81), True, "NVIDIA H200 141 GB", hopper=True),
     )
 }
 

@@ -22,7 +22,7 @@ from traitlets import Bool, Float, TraitError, Unicode, observe, validate
 
 from ..backends import Backend, get_backend, limited
 from ..model.report import MIME_TYPE, Report
-from ..model.units import Card, format_bytes, parse_limit
+from ..model.units import Card, format_bytes, parse_limit, parse_size
 from . import history
 from .pipeline import (
     CellRun,
@@ -194,6 +194,12 @@ class GpuMem(Magics):
         "--limit", "-l", default=None, help="Run the cell as on a device of this size (4GiB) or card (T4)."
     )
     @magic_arguments.argument(
+        "--context",
+        default=None,
+        metavar="SIZE",
+        help="Of the limit, memory held outside PyTorch (the CUDA context; a named card brings 300MiB; 0: none).",
+    )
+    @magic_arguments.argument(
         "--no-catch", action="store_true", help="Show the report, then re-raise an out-of-memory error."
     )
     @magic_arguments.argument(
@@ -266,10 +272,22 @@ class GpuMem(Magics):
                 nbytes, card = parse_limit(args.limit)
             except ValueError as exc:
                 raise UsageError(f"--limit: {exc}") from None
+        context = self._context_arg(args)
         if args.batch_var is not None and not args.batch_var.isidentifier():
             raise UsageError(f"--batch-var: {args.batch_var!r} is not a variable name")
-        with limited(backend, nbytes, card):
+        with limited(backend, nbytes, card, context):
             return self._run(cell, line, backend, args)
+
+    @staticmethod
+    def _context_arg(args: Any) -> int | None:
+        if args.context is None:
+            return None
+        if args.context.strip() in ("0", "0B", "none", "off"):
+            return 0  # a raw capacity: nothing held outside PyTorch
+        try:
+            return parse_size(args.context)
+        except ValueError as exc:
+            raise UsageError(f"--context: {exc}") from None
 
     def _line(self, args: Any) -> Any:
         words = [w.lower() for w in args.command]
@@ -307,9 +325,14 @@ class GpuMem(Magics):
             except TraitError as exc:
                 raise UsageError(f"limit: {exc}") from None
             backend = self.backend()
+            context = self._context_arg(args)
+            if context is not None and backend.kind == "simulated":
+                backend.limit(*backend.current_limit(), context)
             capacity = backend.capacity
+            held = backend.current_context()
+            outside = f", {format_bytes(held)} of it held outside PyTorch (the CUDA context)" if held else ""
             print(
-                f"oomnb: {backend.name} limited to {format_bytes(capacity)}."
+                f"oomnb: {backend.name} limited to {format_bytes(capacity)}{outside}."
                 if capacity is not None
                 else f"oomnb: {backend.name} has no limit."
             )

@@ -147,6 +147,7 @@ class CellMeasure:
             index=backend.index,
             capacity_bytes=end.capacity_bytes,
             card=card.name if card else None,
+            context_bytes=backend.current_context(),
         )
         return Report(
             cell=cell,
