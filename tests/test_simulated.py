@@ -98,10 +98,12 @@ def test_numpy_tensors_count_once_used(sim: Any) -> None:
 
 def test_tensors_made_before_start_are_counted() -> None:
     device = SimulatedDevice()
+    gc.collect()  # garbage of earlier tests must not die inside the measurement
     existing = torch.ones(1024)
     device.start()
     try:
         assert device.allocated >= 4096
+        gc.collect()
         before = device.allocated
         del existing
         gc.collect()
@@ -199,3 +201,64 @@ def test_fragmentation_oom_on_the_cpu_and_the_fix(sim: Any, conf: str) -> None:
         assert len(middles) == 10
     finally:
         sim.set_alloc_conf("")
+
+
+def test_a_named_card_holds_its_context_and_takes_cublas_workspace_at_the_first_matmul(sim: Any) -> None:
+    from oomnb.backends.simulated import SimulatedBackend
+    from oomnb.model.units import CUDA_CONTEXT_BYTES, lookup_card
+
+    backend = SimulatedBackend(sim)
+    t4 = lookup_card("T4")
+    assert t4 is not None and t4.cublas_workspace_bytes == 8_519_680
+    h100 = lookup_card("H100")
+    assert h100 is not None and h100.cublas_workspace_bytes == 32 * MiB
+    before = backend.current_limit()
+    try:
+        backend.limit(t4.capacity_bytes, t4)
+        assert sim.context == CUDA_CONTEXT_BYTES == 300 * MiB
+        assert sim.alloc.capacity == t4.capacity_bytes - 300 * MiB
+        assert backend.snapshot().free_bytes == t4.capacity_bytes - 300 * MiB - sim.reserved
+        start = sim.allocated
+        a = torch.ones(4, 4)
+        assert sim.allocated - start == 512  # a factory: no workspace yet
+        b = a @ a
+        # 512 B for b, and cuBLAS's workspace (8,519,680 B is a multiple of 512), kept for good.
+        assert sim.allocated - start == 512 + 512 + 8_519_680
+        c = a @ a
+        assert sim.allocated - start == 512 + 512 + 512 + 8_519_680
+        del a, b, c
+        assert sim.allocated - start == 8_519_680
+        # --context 0: a raw capacity.
+        backend.limit(t4.capacity_bytes, t4, 0)
+        assert sim.context == 0 and sim.alloc.capacity == t4.capacity_bytes
+    finally:
+        backend.limit(*before)
+
+
+def test_a_dry_run_goes_on_from_the_devices_allocator(sim: Any) -> None:
+    """With the cache modelled, a dry run meets the notebook's fragmentation: reserved as the card would."""
+    from oomnb.analysis.estimator import dry_run
+
+    sim.caching = True
+    gc.collect()
+    sim.empty_cache()
+    base = sim.reserved
+    floats = (7 * MiB // 4, 6 * MiB // 4, 7 * MiB // 4)
+    triples = [tuple(torch.empty(n) for n in floats) for _ in range(10)]
+    middles = [middle for _first, middle, _last in triples]
+    del triples
+    gc.collect()
+    assert sim.reserved - base == 200 * MiB
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty(10 * MiB // 4) + x.sum()
+
+    run = dry_run(step, middles[0])
+    assert run.whole_device and run.by_reserved
+    assert run.start_reserved_bytes == sim.reserved
+    # No free block of 10 MiB: the empty tensor and the sum each take a new 10 MiB segment, and
+    # x.sum()'s 512 B a 2 MiB small-pool segment; the device itself is untouched.
+    assert run.peak_bytes - run.start_bytes == 2 * 10 * MiB + 512
+    assert run.peak_reserved_bytes == sim.reserved + 2 * 10 * MiB + 2 * MiB
+    assert run.footprint(sim.allocated) == run.peak_reserved_bytes
+    assert sim.reserved - base == 200 * MiB and len(middles) == 10

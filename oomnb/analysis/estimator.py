@@ -71,6 +71,17 @@ class DryRun:
     optimizer_bytes: int
     inputs_bytes: int
     notes: list[str] = field(default_factory=list)
+    #: What the caching allocator reserved at the peak and at the start.
+    peak_reserved_bytes: int = 0
+    start_reserved_bytes: int = 0
+    #: The run went on from the simulated device's own allocator (its other
+    #: tensors and its fragmentation): the reserved figures are the device's.
+    whole_device: bool = False
+    #: Whether a fit is judged by reserved memory (a card runs out when its
+    #: reserved segments fill it) rather than by allocated bytes.
+    by_reserved: bool = False
+    #: The allocator had to go past the capacity: on the device this is an OOM.
+    over_capacity: bool = False
     #: With ``checkpoint``: the code that does to the user's model what the
     #: dry run did to its copy (empty where a model is not named).
     checkpoint_code: str = ""
@@ -79,6 +90,19 @@ class DryRun:
     def activations_bytes(self) -> int:
         """Peak above what existed at the start: activations and temporaries."""
         return max(0, self.peak_bytes - self.start_bytes)
+
+    def footprint(self, baseline: int) -> int:
+        """What the device would hold at this run's peak, where it holds ``baseline`` allocated bytes now.
+
+        By reserved memory where the run says so: the device's own reserved
+        peak when it went on from the device's allocator, else the baseline
+        plus what the run reserved above what it started with.
+        """
+        if not self.by_reserved:
+            return baseline + max(0, self.peak_bytes - self.start_bytes)
+        if self.whole_device:
+            return max(self.peak_reserved_bytes, baseline + max(0, self.peak_bytes - self.start_bytes))
+        return baseline + max(0, self.peak_reserved_bytes - self.start_bytes)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -118,7 +142,7 @@ class BatchFit:
 
 
 # -- the fake world -------------------------------------------------------------------
-def _fake_copy(mode: FakeTensorMode, value: Any) -> Any:
+def _fake_copy(mode: FakeTensorMode, value: Any, pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Any:
     # A random generator (a DataLoader's sampler, a Trainer's) is shared, not
     # copied: its state cannot be restored into a fake tensor, and the copy
     # never runs anywhere the user's generator is seen.
@@ -131,9 +155,16 @@ def _fake_copy(mode: FakeTensorMode, value: Any) -> Any:
     for kind in shared:
         dispatch[kind] = _shared
     copier = FakeCopyFromCuda(mode) if in_forked_cuda_child() else FakeCopyMode(mode)
+    memo: dict[int, Any] = {}
     try:
         with copier:
-            return copy.deepcopy(value)
+            copied = copy.deepcopy(value, memo)
+        if pairs is not None:
+            # deepcopy keeps every original it copied alive in memo[id(memo)].
+            for original in memo.get(id(memo), []):
+                if isinstance(original, torch.Tensor) and isinstance(memo.get(id(original)), torch.Tensor):
+                    pairs.append((original, memo[id(original)]))
+        return copied
     finally:
         for kind, before in previous.items():
             if before is None:
@@ -343,11 +374,18 @@ def _measure(
     checkpoint: bool,
     batch_size: int | None = None,
     names: dict[int, str] | None = None,
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    alloc_conf: str | None = None,
 ) -> DryRun:
     """Run ``run()`` under ``mode`` and count the fake storages it allocates.
 
     ``roots`` hold the fake copies (models, optimizers, tensors); what they
     hold before the run is the start, and the peak is measured from there.
+    ``pairs`` (original, fake copy) let the run go on from the simulated
+    device's allocator: each copy takes its original's block.  With
+    ``alloc_conf`` (``PYTORCH_CUDA_ALLOC_CONF`` text) the device's tensors are
+    first allocated again, in the order they were, by an allocator so set up:
+    the notebook as it would be after a restart with that setting.
     """
     notes: list[str] = []
     modules = [v for v in _walk(roots) if isinstance(v, torch.nn.Module)]
@@ -371,12 +409,15 @@ def _measure(
     params = [p for m in modules for p in m.parameters()]
     buffers = [b for m in modules for b in m.buffers()]
     tracker = SimulatedDevice(track_device="meta")
+    whole_device, by_reserved, blocks = _start_allocator(tracker, pairs, alloc_conf)
     context = contextlib.ExitStack()
     try:
         # The simulated GPU must not see the fake world (its factories would
         # be checked against the real capacity).
         with simulated_device.untracked(), mode:
             tracker.start(scan=False)
+            if whole_device:
+                _adopt_blocks(tracker, pairs or [], blocks)
             for t in [*params, *buffers, *inputs]:
                 tracker.register(t)
             for p in params:
@@ -386,6 +427,7 @@ def _measure(
                 for t in _state_tensors(opt):
                     tracker.register(t)
             start = tracker.allocated
+            start_reserved = tracker.reserved
             tracker.reset_peak()
             if in_forked_cuda_child():
                 context.enter_context(cuda_as_host())
@@ -402,6 +444,8 @@ def _measure(
             del result
             end = tracker.allocated
             peak = tracker.peak
+            peak_reserved = tracker.peak_reserved
+            over = tracker.alloc.overcommitted > 0
     except DryRunError:
         raise
     except Exception as exc:
@@ -419,7 +463,70 @@ def _measure(
         inputs_bytes=_bytes_of(iter(inputs)),
         notes=notes,
         checkpoint_code=checkpoint_code,
+        peak_reserved_bytes=peak_reserved,
+        start_reserved_bytes=start_reserved,
+        whole_device=whole_device,
+        by_reserved=by_reserved,
+        over_capacity=over,
     )
+
+
+def _start_allocator(
+    tracker: SimulatedDevice, pairs: list[tuple[torch.Tensor, torch.Tensor]] | None, alloc_conf: str | None = None
+) -> tuple[bool, bool, dict[int, Any]]:
+    """Give the dry run's tracker the allocator it counts with.
+
+    Returns (went on from the device's allocator, fits go by reserved, the
+    copy's block of each device storage by storage id).
+
+    Where the simulated device models the cache and the originals are known, the
+    run goes on from a copy of the device's own allocator (other tensors,
+    cached segments, fragmentation and capacity): its reserved peak is the
+    device's.  A forked CUDA child starts from an empty one, as do runs where
+    the device does not model the cache (then fits go by allocated bytes).
+    """
+    from ..allocator.caching import CachingAllocator, parse_alloc_conf
+
+    device = simulated_device
+    cuda_child = in_forked_cuda_child()
+    modelled = device.active and device.caching and device.track_device == "cpu" and not cuda_child
+    conf = parse_alloc_conf(alloc_conf) if alloc_conf is not None else device.alloc.conf
+    tracker.workspace_due = device.workspace_due
+    if modelled and pairs is not None:
+        if alloc_conf is None:
+            twin, blocks = device.allocator_copy()
+        else:
+            twin, blocks = device.replayed(conf)
+        twin.overcommit = True
+        tracker.alloc = twin
+        return True, True, blocks
+    # Counted as the device counts: block by block where the cache is modelled
+    # (or on a card), else each storage rounded to 512 B.
+    tracker.alloc = CachingAllocator(None, conf, caching=device.caching or cuda_child)
+    return False, modelled or cuda_child, {}
+
+
+def _adopt_blocks(
+    tracker: SimulatedDevice, pairs: list[tuple[torch.Tensor, torch.Tensor]], blocks: dict[int, Any]
+) -> None:
+    """Each fake copy holds the block its original holds on the simulated device.
+
+    Originals that the device does not count (data kept on the host) leave
+    their copies uncounted too.
+    """
+    device = simulated_device
+    for original, fake in pairs:
+        try:
+            key = id(original.untyped_storage())
+        except (RuntimeError, NotImplementedError, TypeError):
+            continue
+        block = blocks.get(key)
+        if block is not None:
+            tracker.adopt(fake, block)
+        elif key not in device._live:
+            tracker.ignore(fake)
+    # The run alone decides which copies live on.
+    pairs.clear()
 
 
 def dry_run(
@@ -459,8 +566,9 @@ def dry_run(
     original_batch = _find_batch((args, kwargs), batch_dim)
     # Real objects are copied, never touched; the simulated GPU must not see
     # the copies (they are fake).
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     with simulated_device.untracked():
-        fake_args, fake_kwargs = _fake_copy(mode, (args, kwargs))
+        fake_args, fake_kwargs = _fake_copy(mode, (args, kwargs), pairs)
         fake_args = _resize_batch(mode, fake_args, original_batch, batch_size, batch_dim)
         fake_kwargs = _resize_batch(mode, fake_kwargs, original_batch, batch_size, batch_dim)
     inputs = [
@@ -477,6 +585,7 @@ def dry_run(
         no_grad=no_grad,
         checkpoint=checkpoint,
         batch_size=batch_size if batch_size is not None else original_batch,
+        pairs=pairs,
     )
 
 
@@ -652,6 +761,7 @@ def dry_run_cell(
     autocast: torch.dtype | None = None,
     no_grad: bool = False,
     checkpoint: bool = False,
+    alloc_conf: str | None = None,
 ) -> DryRun:
     """Run a notebook cell's compiled ``code`` with ``namespace`` as its globals, on fake tensors.
 
@@ -669,8 +779,9 @@ def dry_run_cell(
     _whole_batches_from_tensor_datasets()
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     heavy = _heavy_names(code, namespace)
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     with simulated_device.untracked():
-        fake = _fake_copy(mode, heavy)
+        fake = _fake_copy(mode, heavy, pairs)
     namespace.update(fake)
     for name, value in (overrides or {}).items():
         # A callable override (``sizes.Resized``) derives the value from the
@@ -686,7 +797,18 @@ def dry_run_cell(
         exec(code, namespace)  # noqa: S102 - the user's own cell, on fake copies, isolated
 
     names = {id(value): name for name, value in fake.items()}
-    return _measure(mode, roots, tensors, run, autocast=autocast, no_grad=no_grad, checkpoint=checkpoint, names=names)
+    return _measure(
+        mode,
+        roots,
+        tensors,
+        run,
+        autocast=autocast,
+        no_grad=no_grad,
+        checkpoint=checkpoint,
+        names=names,
+        pairs=pairs,
+        alloc_conf=alloc_conf,
+    )
 
 
 def _whole_batches_from_tensor_datasets() -> None:

@@ -77,7 +77,7 @@ def trainer_suggestions(
         return run_cell({}, source="\n".join(lines) + _STEPS.format(t=t), **options)
 
     def predicted(dry: DryRun) -> int:
-        return baseline + max(0, dry.peak_bytes - dry.start_bytes)
+        return dry.footprint(baseline)
 
     try:
         as_is = run([])
