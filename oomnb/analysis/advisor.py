@@ -23,7 +23,7 @@ from ..model.units import format_bytes
 from .cellsource import accumulation_cell, backward_per_micro_batch, loop_variables, method_callers
 from .census import Census, TensorRecord
 from .estimator import BatchFit, DryRun, DryRunError, search_batch
-from .rules import EXPANDABLE_CODE, MARGIN, failure_lower_bound
+from .rules import EXPANDABLE_CODE, MARGIN, failure_lower_bound, usable_capacity
 from .sizes import Knob, find_knobs
 from .trainer import trainer_called, trainer_suggestions
 
@@ -75,8 +75,12 @@ class Advice:
 
 
 def _predicted(run: DryRun, baseline: int) -> int:
-    """Device peak if the cell ran for real: what the device holds plus the cell's own growth."""
-    return baseline + max(0, run.peak_bytes - run.start_bytes)
+    """Device peak if the cell ran for real: what the device holds plus the cell's own growth.
+
+    Reserved memory where the device runs out by it (the caching allocator's
+    segments, fragmentation included), else allocated bytes.
+    """
+    return run.footprint(baseline)
 
 
 @dataclass
@@ -102,6 +106,8 @@ class _Context:
     fit: BatchFit | None = None
     #: The knobs a dry run showed the cell's memory grows with, with their search.
     sized: list[tuple[Knob, BatchFit]] = field(default_factory=list)
+    #: Kinds of suggestion a measurement showed do not help (the first reading's are dropped).
+    refuted: set[str] = field(default_factory=set)
 
     @property
     def device_type(self) -> str:
@@ -138,7 +144,8 @@ def advise(
     Trainers the cell reads to their ``args``.  The suggestions already in ``report``
     (the first reading of the error's figures) are one of the sources.
     """
-    capacity = report.device.capacity_bytes or (report.oom.capacity_bytes if report.oom else None)
+    # What the allocator can have: the card less the CUDA context.
+    capacity = usable_capacity(report)
     # The cell will be rerun from what is allocated now.
     # That is what recovery left allocated: less than the baseline where it
     # freed the last traceback, more where the failed cell grew something the
@@ -268,7 +275,7 @@ def _no_line_for_a_loop(suggestion: Suggestion, cell_source: str | None, notes: 
 
 def _error_facts(context: _Context, first_reading: list[Suggestion]) -> list[Suggestion]:
     """The first reading of the error's figures: kept only where nothing measured says the same."""
-    measured = {s.kind for s in context.found}
+    measured = {s.kind for s in context.found} | context.refuted
     return [s for s in first_reading if s.kind not in measured]
 
 
@@ -469,7 +476,7 @@ def _summed_loss_suggestion(
     except DryRunError as exc:
         notes.append(f"backward per micro-batch dry run: {exc}")
         return []
-    saves = as_is.peak_bytes - run.peak_bytes
+    saves = _predicted(as_is, 0) - _predicted(run, 0)
     if saves <= 0:
         return []
     return [
@@ -814,7 +821,7 @@ def _what_if_suggestions(
             if noted:
                 notes.append(f"{fields['kind']} dry run: {exc}")
             continue
-        saves = as_is.peak_bytes - changed.peak_bytes
+        saves = _predicted(as_is, 0) - _predicted(changed, 0)
         if saves <= 0:
             continue
         if options.get("checkpoint") and changed.checkpoint_code:
@@ -936,13 +943,48 @@ def _model_and_optimizer(context: _Context) -> tuple[str, str]:
     return model, optimizer
 
 
+#: The allocator settings a fragmented cache is measured under, in the order they are tried.
+_FRAGMENTATION_FIXES = (
+    (
+        "expandable_segments:True",
+        "Let the allocator grow segments instead of fragmenting",
+        "one expandable segment per pool, mapped page by page, so freed ranges join",
+    ),
+)
+
+
 def _allocator(context: _Context) -> list[Suggestion]:
-    """Memory PyTorch reserved but cannot use for the request: a fragmented cache."""
+    """Memory PyTorch reserved but could not use for the request: a fragmented cache.
+
+    Only where that is what made the cell fail: the request would have fit
+    beside what was allocated had the reserved-but-unallocated memory been
+    usable.  On the simulated device the fix is measured: the notebook's
+    tensors and the cell are replayed by an allocator with the other setting.
+    (``empty_cache()`` is never the fix for an OOM: the allocator returns every
+    wholly free cached segment itself before it raises one; what stays
+    unallocated sits in split segments, which ``empty_cache()`` cannot return.)
+    """
     oom = context.report.oom
-    if oom is None or context.report.device.kind != "cuda":
+    if oom is None:
         return []
     unallocated = oom.reserved_unallocated_bytes or 0
-    if unallocated < max(oom.requested_bytes or 0, 64 * 2**20):
+    requested = oom.requested_bytes or 0
+    allocated = oom.allocated_bytes
+    capacity = context.capacity
+    fragmented = (
+        unallocated > 0
+        and allocated is not None
+        and capacity is not None
+        and allocated + requested <= capacity
+        and unallocated >= requested
+    )
+    as_is, run_cell = context.as_is, context.run_cell
+    if as_is is not None and as_is.whole_device and run_cell is not None:
+        if not fragmented:
+            context.refuted.add("expandable_segments")
+            return []
+        return _measured_allocator_fixes(context, as_is, run_cell, unallocated)
+    if context.report.device.kind != "cuda" or unallocated < max(requested, 64 * 2**20):
         return []
     return [
         Suggestion(
@@ -956,6 +998,45 @@ def _allocator(context: _Context) -> list[Suggestion]:
             apply="setup",
         )
     ]
+
+
+def _measured_allocator_fixes(
+    context: _Context, as_is: DryRun, run_cell: CellRunner, unallocated: int
+) -> list[Suggestion]:
+    found: list[Suggestion] = []
+    current = _predicted(as_is, context.baseline)
+    for setting, title, how in _FRAGMENTATION_FIXES:
+        try:
+            run = run_cell({}, alloc_conf=setting)
+        except DryRunError as exc:
+            context.notes.append(f"{setting} dry run: {exc}")
+            continue
+        peak = _predicted(run, context.baseline)
+        saves = current - peak
+        if saves <= 0:
+            context.refuted.add("expandable_segments")
+            context.notes.append(
+                f"{setting} would not help: replayed with it, the cell still reserves {format_bytes(peak)}"
+            )
+            continue
+        budget = context.budget
+        found.append(
+            Suggestion(
+                kind="expandable_segments",
+                title=title,
+                detail=f"{format_bytes(unallocated)} was reserved by PyTorch but unallocated when the cell failed: "
+                f"the cache is fragmented. Replayed with PYTORCH_CUDA_ALLOC_CONF={setting} ({how}), the "
+                f"notebook's tensors and the cell reserve {format_bytes(peak)} at the peak instead of "
+                f"{format_bytes(current)}. Set it before torch starts (a kernel restart), then run the notebook again.",
+                saves_bytes=saves,
+                params={"PYTORCH_CUDA_ALLOC_CONF": setting},
+                code=EXPANDABLE_CODE,
+                source="dry-run",
+                fits=budget is not None and peak <= budget,
+                apply="setup",
+            )
+        )
+    return found
 
 
 def _device_maps(context: _Context) -> list[Suggestion]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..model.report import OomInfo, Report, Suggestion
 from ..model.units import MiB, format_bytes
 
-__all__ = ["MARGIN", "diagnose", "failure_lower_bound", "set_lower_bound_story"]
+__all__ = ["MARGIN", "diagnose", "failure_lower_bound", "set_lower_bound_story", "usable_capacity"]
 
 EXPANDABLE_CODE = (
     "# Must be set before CUDA starts: first cell of the notebook, or restart the kernel.\n"
@@ -33,10 +33,19 @@ def failure_lower_bound(report: Report) -> int | None:
     return max(report.peak_bytes, at_failure + oom.requested_bytes)
 
 
+def usable_capacity(report: Report) -> int | None:
+    """What PyTorch can have of the report's device: its capacity less the memory held outside PyTorch."""
+    oom = report.oom
+    capacity = report.device.capacity_bytes or (oom.capacity_bytes if oom else None)
+    if not capacity:
+        return None
+    return max(0, capacity - report.device.context_bytes)
+
+
 def set_lower_bound_story(report: Report) -> None:
     """The story a failed cell tells before any dry run: it needs at least what the failure shows."""
     oom = report.oom
-    capacity = report.device.capacity_bytes or (oom.capacity_bytes if oom else None)
+    capacity = usable_capacity(report)
     needs = failure_lower_bound(report)
     if oom is None or needs is None or not capacity:
         return
@@ -80,7 +89,7 @@ def diagnose(
                 params={"requested_bytes": requested},
             )
         )
-    elif not simulated and unallocated >= max(requested, 64 * MiB) and unallocated > 0:
+    elif unallocated > 0 and unallocated >= max(requested, 1 if simulated else 64 * MiB):
         reasons.append(
             f"{format_bytes(unallocated)} is reserved by PyTorch's cache but unallocated, enough for the "
             f"{format_bytes(requested)} request: the cache is fragmented."

@@ -1,0 +1,106 @@
+"""A fragmentation OOM on the simulated device, its advice measured by replay, and the advice applied.
+
+Ten [7][6][7] MiB triples fill ten 20 MiB segments of a 200 MiB card; with
+the 7s freed, 60 MiB is allocated and 140 MiB reserved but unallocated, so a
+10 MiB tensor fails (no free block is 10 MiB long).  Replayed with
+``expandable_segments:True`` the ten 6 MiB tensors take three 20 MiB pages
+and the 10 MiB tensor a fourth: 80 MiB reserved.  Sizes are as in
+``tests/test_allocator.py``, worked out from the rules.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from oomnb.model.units import MiB
+
+REPORT = "application/vnd.oomnb.report+json"
+
+SETUP = """
+MiB = 2**20
+triples = [(torch.empty(7 * MiB // 4), torch.empty(6 * MiB // 4), torch.empty(7 * MiB // 4)) for _ in range(10)]
+kept = [middle for _first, middle, _last in triples]
+del triples
+"""
+
+CELL = "%%gpumem\nbig = torch.empty(10 * MiB // 4)\n"
+
+
+def _report(result: Any) -> dict[str, Any]:
+    bundles = [o.data for o in result.captured.outputs if REPORT in o.data]
+    assert bundles, result.captured.stdout
+    return json.loads(json.dumps(bundles[-1][REPORT]))
+
+
+def _fragment(shell: Any, conf: str) -> None:
+    import gc
+
+    from oomnb.backends.simulated import device
+
+    gc.collect()
+    assert device.allocated == 0, "tensors of an earlier test are still alive"
+    assert shell.run("%gpumem allocator caching").success
+    assert shell.run(f"%gpumem alloc-conf {conf}").success
+    assert shell.run("%gpumem limit 200MiB --context 0").success
+    assert shell.run(SETUP).success
+
+
+def test_fragmentation_oom_is_explained_and_expandable_segments_measured(shell: Any) -> None:
+    try:
+        _fragment(shell, "default")
+        from oomnb.backends.simulated import device
+
+        assert (device.allocated, device.reserved) == (60 * MiB, 200 * MiB)
+        report = _report(shell.run(CELL))
+        oom = report["oom"]
+        assert oom["requested_bytes"] == 10 * MiB
+        assert oom["allocated_bytes"] == 60 * MiB
+        assert oom["reserved_unallocated_bytes"] == 140 * MiB
+        assert "the cache is fragmented" in oom["diagnosis"]
+        found = [s for s in report["suggestions"] if s["kind"] == "expandable_segments"]
+        assert len(found) == 1
+        fix = found[0]
+        assert fix["source"] == "dry-run" and fix["fits"] is True and fix["apply"] == "setup"
+        # As is: 200 MiB reserved and a 10 MiB segment more; replayed: four 20 MiB pages.
+        assert fix["saves_bytes"] == 210 * MiB - 80 * MiB
+        assert "reserve 80.00 MiB at the peak instead of 210.00 MiB" in fix["detail"]
+        assert 'os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"' in fix["code"]
+        # Nothing the user had was lost, and the kernel goes on.
+        assert len(shell.ns["kept"]) == 10 and "big" not in shell.ns
+    finally:
+        shell.run("%gpumem alloc-conf default")
+        shell.run("%gpumem allocator exact")
+        shell.run("%gpumem limit off")
+
+
+def test_the_suggestion_applied_literally_makes_the_cell_fit(shell: Any) -> None:
+    """What the suggestion says: restart with the setting, run the notebook again."""
+    try:
+        _fragment(shell, "expandable_segments:True")
+        result = shell.run(CELL)
+        report = _report(result)
+        assert report["oom"] is None
+        assert shell.ns["big"].numel() == 10 * MiB // 4
+        from oomnb.backends.simulated import device
+
+        # The freed 7 MiB ranges stay mapped (pages are unmapped only under
+        # pressure) and joined, so the 10 MiB tensor takes one of them.
+        assert (device.allocated, device.reserved) == (70 * MiB, 200 * MiB)
+    finally:
+        shell.run("%gpumem alloc-conf default")
+        shell.run("%gpumem allocator exact")
+        shell.run("%gpumem limit off")
+
+
+def test_no_allocator_advice_where_fragmentation_did_not_cause_the_oom(shell: Any) -> None:
+    """A cell that needs more than the card: reserved-but-unallocated is not the cause."""
+    try:
+        assert shell.run("%gpumem allocator caching").success
+        assert shell.run("%gpumem limit 200MiB --context 0").success
+        report = _report(shell.run("%%gpumem\nx = torch.empty(300 * 2**20 // 4)\n"))
+        assert report["oom"] is not None
+        assert all(s["kind"] != "expandable_segments" for s in report["suggestions"])
+    finally:
+        shell.run("%gpumem allocator exact")
+        shell.run("%gpumem limit off")
