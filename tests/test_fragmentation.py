@@ -104,3 +104,56 @@ def test_no_allocator_advice_where_fragmentation_did_not_cause_the_oom(shell: An
     finally:
         shell.run("%gpumem allocator exact")
         shell.run("%gpumem limit off")
+
+
+def test_segments_show_the_fragmentation(shell: Any) -> None:
+    """``%gpumem segments``: ten 20 MiB segments, each a 6 MiB tensor between two free 7 MiB blocks."""
+    from oomnb.backends.simulated import device
+    from oomnb.render.segments import from_snapshot, segments_figure
+
+    try:
+        _fragment(shell, "default")
+        seg = from_snapshot(device.memory_snapshot(), "simulated")
+        assert seg.segments == (("large", ((7 * MiB, False), (6 * MiB, True), (7 * MiB, False))),) * 10
+        result = shell.run("%gpumem segments")
+        assert result.success
+        bundle = result.captured.outputs[-1].data
+        assert bundle["text/plain"] == (
+            "simulated GPU: 10 segments, 200.00 MiB reserved: 60.00 MiB allocated, 140.00 MiB cached in 20 free "
+            "blocks; the largest free block is 7.00 MiB (5% of the cached memory: fragmented)."
+        )
+        assert bundle["image/png"]  # drawn
+        assert len(segments_figure(seg).axes[0].patches) == 30
+    finally:
+        shell.run("%gpumem alloc-conf default")
+        shell.run("%gpumem allocator exact")
+        shell.run("%gpumem limit off")
+
+
+def test_segments_without_the_cache_and_from_a_cuda_snapshot(shell: Any) -> None:
+    from oomnb.backends.simulated import device
+    from oomnb.render.segments import from_snapshot, segments_text
+
+    assert shell.run("%gpumem allocator exact").success
+    shell.run("MiB = 2**20\na = torch.empty(1000)\nb = torch.empty(3 * MiB // 4)")
+    # Without the cache each storage is its own segment, rounded to 512 bytes.
+    seg = from_snapshot(device.memory_snapshot(), "simulated")
+    assert sorted(seg.segments) == [("large", ((3 * MiB, True),)), ("small", ((4096, True),))]
+    assert segments_text(seg) == (
+        "simulated: 2 segments, 3.00 MiB reserved: 3.00 MiB allocated, 0 B cached in 0 free blocks."
+    )
+    # torch.cuda.memory_snapshot()'s shape: unmapped pages are not reserved memory.
+    cuda = [
+        {
+            "address": 1 << 20,
+            "total_size": 4 * MiB,
+            "segment_type": "large",
+            "blocks": [
+                {"size": 2 * MiB, "state": "active_allocated"},
+                {"size": 2 * MiB, "state": "inactive"},
+                {"size": 8 * MiB, "state": "unmapped"},
+            ],
+        }
+    ]
+    seg = from_snapshot(cuda, "cuda:0")
+    assert (seg.reserved, seg.allocated, seg.free_blocks) == (4 * MiB, 2 * MiB, [2 * MiB])

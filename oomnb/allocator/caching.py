@@ -47,6 +47,7 @@ import bisect
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["AllocConf", "Block", "CachingAllocator", "parse_alloc_conf"]
 
@@ -668,6 +669,39 @@ class CachingAllocator:
             other.searches = pool.searches
             other.expandable = seen[id(pool.expandable)] if pool.expandable is not None else None
         return twin, seen
+
+    def snapshot(self, allocated: Iterable[Block] = ()) -> list[dict[str, Any]]:
+        """The segments as ``torch.cuda.memory_snapshot()`` lists them, in address order.
+
+        ``allocated`` are the blocks the caller holds (the allocator keeps only
+        free ones).  Each segment has ``address``, ``total_size`` (mapped bytes),
+        ``segment_type`` ("small"/"large") and ``blocks`` with ``size`` and
+        ``state``: "active_allocated", "inactive" (cached) or "unmapped" (an
+        expandable segment's pages given back, not part of ``total_size``).
+        """
+        firsts: dict[int, Block] = {}
+        starts: list[Block] = [*self.small.free.values(), *self.large.free.values(), *allocated]
+        starts += [pool.expandable for pool in (self.small, self.large) if pool.expandable is not None]
+        for start in starts:
+            first = start
+            while first.prev is not None:
+                first = first.prev
+            firsts[first.addr] = first
+        segments = []
+        for addr in sorted(firsts):
+            first = firsts[addr]
+            blocks: list[dict[str, Any]] = []
+            total = 0
+            block: Block | None = first
+            while block is not None:
+                state = "active_allocated" if block.allocated else ("inactive" if block.mapped else "unmapped")
+                blocks.append({"size": block.size, "state": state})
+                total += block.size if block.mapped else 0
+                block = block.next
+            if total:
+                kind = "small" if first.pool.is_small else "large"
+                segments.append({"address": addr, "total_size": total, "segment_type": kind, "blocks": blocks})
+        return segments
 
     # -- figures -------------------------------------------------------------------------
     @property

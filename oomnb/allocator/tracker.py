@@ -399,6 +399,23 @@ class SimulatedDevice:
             twin, copies = self.alloc.clone(kept)
         return twin, {key: copies[id(block)] for key, block in held.items()}
 
+    def memory_snapshot(self) -> list[dict[str, Any]]:
+        """The segments now, as ``torch.cuda.memory_snapshot()`` lists them.
+
+        Without the cache every storage is its own exact segment.
+        """
+        with self._lock:
+            held = [entry[2] for entry in self._live.values()]
+            if self.workspace is not None:
+                held.append(self.workspace)
+            blocks = [h for h in held if isinstance(h, Block)]
+            segments = self.alloc.snapshot(blocks)
+            for index, size in enumerate(h for h in held if isinstance(h, int) and h):
+                kind = "small" if size <= 1024 * 1024 else "large"
+                block = {"size": size, "state": "active_allocated"}
+                segments.append({"address": index, "total_size": size, "segment_type": kind, "blocks": [block]})
+        return segments
+
     def replayed(self, conf: Any) -> tuple[CachingAllocator, dict[int, Block]]:
         """A new allocator with ``conf`` that has allocated the live storages again, in the order they came.
 

@@ -187,7 +187,10 @@ class GpuMem(Magics):
     @magic_arguments.argument(
         "command",
         nargs="*",
-        help="Line magic only: status (default), panel, census, advise, reset, auto on|off, limit SIZE|CARD|off.",
+        help=(
+            "Line magic only: status (default), panel, census, segments, advise, reset, auto on|off, "
+            "limit SIZE|CARD|off, alloc-conf [SETTING], allocator caching|exact."
+        ),
     )
     @magic_arguments.argument("--device", "-d", default=None, help="auto, simulated, cuda or cuda:N.")
     @magic_arguments.argument(
@@ -309,6 +312,11 @@ class GpuMem(Magics):
         if words == ["advise"]:
             self._advise_last(args)
             return None
+        if words == ["segments"]:
+            from ..render.segments import segments_bundle
+
+            display(segments_bundle(self._backend_or_usage(args.device)), raw=True)
+            return None
         if words == ["census"]:
             from .cleanup import shell_census
 
@@ -351,7 +359,7 @@ class GpuMem(Magics):
             )
             return None
         raise UsageError(
-            f"unknown %gpumem command {' '.join(args.command)!r}: use status, panel, census, advise, reset, "
+            f"unknown %gpumem command {' '.join(args.command)!r}: use status, panel, census, segments, advise, reset, "
             "auto on|off, limit SIZE|off, alloc-conf [SETTING] or allocator caching|exact"
         )
 
