@@ -87,6 +87,10 @@ def test_the_suggestion_applied_literally_makes_the_cell_fit(shell: Any) -> None
         # The freed 7 MiB ranges stay mapped (pages are unmapped only under
         # pressure) and joined, so the 10 MiB tensor takes one of them.
         assert (device.allocated, device.reserved) == (70 * MiB, 200 * MiB)
+        # One expandable segment: its free ranges are not fragmentation.
+        text = shell.run("%gpumem segments").captured.outputs[-1].data["text/plain"]
+        assert text.startswith("simulated GPU: 1 segment, 200.00 MiB reserved: 70.00 MiB allocated, 130.00 MiB")
+        assert text.endswith("(in expandable segments, whose free pages are mapped again where a request needs them).")
     finally:
         shell.run("%gpumem alloc-conf default")
         shell.run("%gpumem allocator exact")

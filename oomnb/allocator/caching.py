@@ -700,7 +700,15 @@ class CachingAllocator:
                 block = block.next
             if total:
                 kind = "small" if first.pool.is_small else "large"
-                segments.append({"address": addr, "total_size": total, "segment_type": kind, "blocks": blocks})
+                segments.append(
+                    {
+                        "address": addr,
+                        "total_size": total,
+                        "segment_type": kind,
+                        "is_expandable": first is first.pool.expandable,
+                        "blocks": blocks,
+                    }
+                )
         return segments
 
     # -- figures -------------------------------------------------------------------------

@@ -965,7 +965,7 @@ def _allocator(context: _Context) -> list[Suggestion]:
     unallocated sits in split segments, which ``empty_cache()`` cannot return.)
     """
     oom = context.report.oom
-    if oom is None:
+    if oom is None or _expandable_already(context.report.device.kind):
         return []
     unallocated = oom.reserved_unallocated_bytes or 0
     requested = oom.requested_bytes or 0
@@ -998,6 +998,25 @@ def _allocator(context: _Context) -> list[Suggestion]:
             apply="setup",
         )
     ]
+
+
+def _expandable_already(kind: str) -> bool:
+    """Whether the device's allocator already grows its segments (nothing to suggest then)."""
+    if kind == "simulated":
+        from ..backends.simulated import device
+
+        return bool(device.alloc.conf.expandable_segments)
+    import os
+
+    from ..allocator.caching import parse_alloc_conf
+
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        try:
+            if parse_alloc_conf(os.environ.get(name, "")).expandable_segments:
+                return True
+        except ValueError:
+            continue
+    return False
 
 
 def _measured_allocator_fixes(

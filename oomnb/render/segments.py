@@ -36,6 +36,9 @@ class SegmentMap:
 
     segments: tuple[tuple[str, tuple[tuple[int, bool], ...]], ...]
     device: str
+    #: Per segment, whether it is expandable (its free pages can be unmapped
+    #: and mapped again elsewhere, so free blocks in it are not fragmentation).
+    expandable: tuple[bool, ...] = ()
 
     @property
     def reserved(self) -> int:
@@ -53,6 +56,7 @@ class SegmentMap:
 def from_snapshot(snapshot: list[dict[str, Any]], device: str) -> SegmentMap:
     """A map from ``torch.cuda.memory_snapshot()``'s list (other devices' segments are the caller's to drop)."""
     segments = []
+    expandable = []
     for segment in sorted(snapshot, key=lambda s: int(s.get("address", 0))):
         blocks = tuple(
             (int(block["size"]), block.get("state") == "active_allocated")
@@ -61,7 +65,8 @@ def from_snapshot(snapshot: list[dict[str, Any]], device: str) -> SegmentMap:
         )
         if blocks:
             segments.append((str(segment.get("segment_type", "large")), blocks))
-    return SegmentMap(tuple(segments), device)
+            expandable.append(bool(segment.get("is_expandable", False)))
+    return SegmentMap(tuple(segments), device, tuple(expandable))
 
 
 def segment_map(backend: Any) -> SegmentMap:
@@ -91,8 +96,17 @@ def segments_text(seg: SegmentMap) -> str:
     )
     if free:
         line += f"; the largest free block is {format_bytes(largest)}"
-        if cached >= 2 * largest and cached > 0:
-            line += f" ({100 * largest / cached:.0f}% of the cached memory: fragmented)"
+        fixed = [
+            size
+            for index, (_pool, blocks) in enumerate(seg.segments)
+            if not (index < len(seg.expandable) and seg.expandable[index])
+            for size, used in blocks
+            if not used
+        ]
+        if fixed and sum(fixed) >= 2 * max(fixed):
+            line += f" ({100 * max(fixed) / sum(fixed):.0f}% of the cached memory: fragmented)"
+        elif not fixed:
+            line += " (in expandable segments, whose free pages are mapped again where a request needs them)"
     return line + "."
 
 
@@ -114,7 +128,7 @@ def segments_figure(seg: SegmentMap) -> Figure:
                 size / mib,
                 left=start / mib,
                 height=0.7,
-                color="#2563eb" if used else "#dbeafe",
+                color="#2563eb" if used else "#bfdbfe",
                 edgecolor="white",
                 linewidth=0.8,
             )
@@ -125,10 +139,15 @@ def segments_figure(seg: SegmentMap) -> Figure:
     axes.set_xlabel("MiB from the segment's start", parse_math=False, usetex=False)
     more = len(seg.segments) - len(drawn)
     title = f"Segments of {seg.device}" + (f" (the {len(drawn)} biggest of {len(seg.segments)})" if more else "")
-    axes.set_title(title, fontsize=10, parse_math=False, usetex=False)
+    axes.set_title(title, fontsize=10, loc="left", parse_math=False, usetex=False)
     axes.legend(
-        handles=[Patch(color="#2563eb", label="allocated"), Patch(color="#dbeafe", label="cached, free")],
+        handles=[
+            Patch(facecolor="#2563eb", label="allocated"),
+            Patch(facecolor="#bfdbfe", edgecolor="#93c5fd", label="cached, free"),
+        ],
         loc="lower right",
+        bbox_to_anchor=(1.0, 1.0),
+        ncol=2,
         fontsize=8,
         frameon=False,
     )
