@@ -61,6 +61,10 @@ class Shell:
     def allocated(self) -> int:
         return int(oomnb.status()["allocated_bytes"])
 
+    def reserved(self) -> int:
+        """What the allocator holds: a capacity is compared with this, not with allocated."""
+        return int(oomnb.status()["reserved_bytes"])
+
 
 @pytest.fixture
 def shell() -> Iterator[Shell]:
@@ -71,6 +75,11 @@ def shell() -> Iterator[Shell]:
     ip.run_line_magic("load_ext", "oomnb")
     ip.run_cell("import torch", store_history=False)
     session.clear_history()
+    # Each test starts without the segments earlier tests left cached.
+    import gc
+
+    gc.collect()
+    simulated_device.empty_cache()
     try:
         yield Shell(ip)
     finally:

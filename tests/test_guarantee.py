@@ -80,13 +80,16 @@ def _allocated() -> int:
 
 
 def _settle() -> int:
-    """Allocated bytes once what the last cell dropped is collected.
+    """Allocated bytes once what the last cell dropped is collected and the cache emptied.
 
     The young generations are enough (tracebacks are released by hand, and
     modules and tensors do not form cycles); a full collection would cost a
     tenth of a second per call with torch's and FakeTensor's objects around.
+    Emptying the allocator's cache makes the reference run and the run under
+    the magic start from the same segments.
     """
     gc.collect(1)
+    simulated_device.empty_cache()
     return _allocated()
 
 
@@ -236,9 +239,11 @@ class Outcome:
 def _execute(shell: Any, scenario: Scenario, folder: Path, source: str, *, limit_mib: float | None) -> Outcome:
     """Set up, fingerprint, run ``source`` (a plain cell or a ``%%gpumem`` cell), fingerprint again."""
     with _in_folder(folder):
+        _settle()
         _prepare(shell, scenario)
         baseline = _settle()
-        limit = baseline + int(limit_mib * MiB) if limit_mib is not None else None
+        # The capacity is what the allocator may reserve: the headroom is over reserved memory.
+        limit = simulated_device.reserved + int(limit_mib * MiB) if limit_mib is not None else None
         source = source.replace("{LIMIT}", str(limit))
         before = fp.capture(shell.ns, folder)
         seen = _observe(shell, scenario, folder)
@@ -450,10 +455,53 @@ def gshell() -> Iterator[Shell]:
         _clear_last_error()
 
 
+#: Scenarios whose headroom puts the OOM at the line they name only when
+#: allocations are counted exactly: with the cache modelled, a request under
+#: 10 MiB takes a whole 20 MiB segment and the cell runs out at another line
+#: (or, reusing cached blocks, not at all).  Their ``oom`` mode runs on the
+#: exact model; every other scenario and mode runs on both.
+EXACT_HEADROOM = frozenset(
+    {
+        "train_step_global_backward",
+        "train_step_lazy_adam",
+        "train_step_adam_with_state",
+        "batch_size_loop_in_cell",
+        "losses_list_append",
+        "masked_loss_checkpoint_log",
+        "wrapper_module",
+        "unsqueeze_rebind",
+        "detach_rebind",
+        "accumulated_grads_backward_oom",
+        "grad_accumulation_loop",
+        "lazy_adam_in_cell",
+        "hf_train_function",
+        "dataloader_epoch",
+        "eval_no_grad",
+        "view_rebind",
+        "activations_on_module",
+        "losses_keep_graphs",
+    }
+)
+
+
+@pytest.fixture
+def allocator_model(request: pytest.FixtureRequest) -> Iterator[str]:
+    name = request.param
+    before = simulated_device.caching
+    simulated_device.caching = name == "caching"
+    try:
+        yield name
+    finally:
+        simulated_device.caching = before
+
+
+@pytest.mark.parametrize("allocator_model", ["caching", "exact"], indirect=True)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=str)
-def test_guarantee(gshell: Shell, tmp_path: Path, scenario: Scenario, mode: str) -> None:
+def test_guarantee(gshell: Shell, tmp_path: Path, scenario: Scenario, mode: str, allocator_model: str) -> None:
     shell = gshell
+    if mode == "oom" and allocator_model == "caching" and scenario.name in EXACT_HEADROOM:
+        pytest.skip("its headroom is tuned for exact counting; its oom mode runs on the exact model")
     problems: list[str] = []
     if mode == "dry_run":
         run = _execute(

@@ -88,15 +88,17 @@ def test_oom_is_caught_and_recovered_to_baseline(shell: Any) -> None:
 def test_rebound_loss_with_graph_is_released(shell: Any) -> None:
     shell.run("lin = torch.nn.Linear(512, 512)\nloss = None\nstep = 0")
     baseline = shell.allocated()
-    # 8 MiB above what earlier tests left: the forward fits, the next tensor does not.
+    # 48 MiB above what the allocator holds: the forward fits (the 12 MiB input,
+    # output and relu, and a small segment for the sum), the 40 MiB tensor does not.
     shell.run(
-        f"%%gpumem --limit {baseline + 8 * MiB}\n"
+        f"%%gpumem --limit {shell.reserved() + 48 * MiB}\n"
         "step += 1\n"
-        "loss = lin(torch.randn(1024, 512)).relu().sum()\n"
+        "loss = lin(torch.randn(6144, 512)).relu().sum()\n"
         "more = torch.empty(10 * 1024 * 1024)"
     )
     report = oomnb.last_report()
     assert report is not None and report.oom is not None
+    assert report.oom.requested_bytes == 40 * MiB
     assert "loss" in report.released_names and "step" not in report.released_names
     assert shell.ns["step"] == 1
     assert shell.allocated() == baseline
@@ -223,42 +225,44 @@ def test_auto_mode_logs_every_cell(shell: Any) -> None:
 
 def test_oom_story_is_one_line_told_alike_everywhere(shell: Any) -> None:
     """needs (a dry run of the whole cell), has (95% of the device), short by: once, in text and HTML."""
-    baseline = shell.allocated()
-    capacity = baseline + 8 * MiB
-    result = shell.run(f"%%gpumem --limit {capacity}\nx = torch.ones(1024 * 1024)\ny = torch.ones(2 * 1024 * 1024)")
+    # Tensors of 12 and 32 MiB: each its own segment of exactly its size, so
+    # reserved grows by what is allocated (smaller ones would share 20 MiB segments).
+    start = shell.reserved()
+    capacity = start + 40 * MiB
+    result = shell.run(f"%%gpumem --limit {capacity}\nx = torch.ones(3 * 2**20)\ny = torch.ones(8 * 2**20)")
     report = oomnb.last_report()
     assert report is not None and report.oom is not None
     oom = report.oom
-    assert (oom.needs_bytes, oom.has_bytes, oom.needs_at_least) == (baseline + 12 * MiB, int(capacity * 0.95), False)
-    short = baseline + 12 * MiB - int(capacity * 0.95)
+    assert (oom.needs_bytes, oom.has_bytes, oom.needs_at_least) == (start + 44 * MiB, int(capacity * 0.95), False)
+    short = start + 44 * MiB - int(capacity * 0.95)
     story = (
-        f"needs {oomnb.format_bytes(baseline + 12 * MiB)}, has {oomnb.format_bytes(int(capacity * 0.95))} "
+        f"needs {oomnb.format_bytes(start + 44 * MiB)}, has {oomnb.format_bytes(int(capacity * 0.95))} "
         f"usable of {oomnb.format_bytes(capacity)}, short by {oomnb.format_bytes(short)}"
     )
     assert report.story() == story
     (shown,) = report_bundles(result)
     text, page = shown["text/plain"], shown["text/html"]
-    assert f"OUT OF MEMORY (OutOfMemoryError allocating 8.00 MiB): {story}" in text
+    assert f"OUT OF MEMORY (OutOfMemoryError allocating 32.00 MiB): {story}" in text
     # One shortfall and one "free" figure (what is free now), not the error's own.
     assert text.count("short by") == 1 and "over by" not in text and text.count("free") == 1
     assert "rolled back: x" in text and "CUDA out of memory" not in text
     assert html.escape(story) in page and page.count("short by") == 1 and "OutOfMemoryError" in page
     assert "rolled back: x" in page
     message = "<details><summary style='cursor:pointer'>error message</summary>"
-    assert message + "<pre" in page and "CUDA out of memory. Tried to allocate 8.00 MiB" in page.split(message)[1]
-    assert shown[MIME_TYPE]["oom"]["needs_bytes"] == baseline + 12 * MiB
+    assert message + "<pre" in page and "CUDA out of memory. Tried to allocate 32.00 MiB" in page.split(message)[1]
+    assert shown[MIME_TYPE]["oom"]["needs_bytes"] == start + 44 * MiB
 
 
 def test_oom_story_without_a_dry_run_is_a_lower_bound(shell: Any) -> None:
-    baseline = shell.allocated()
-    capacity = baseline + 8 * MiB
+    start = shell.reserved()
+    capacity = start + 32 * MiB
     # .item() reads data, which fake tensors answer with 1: the dry run cannot be trusted.
-    cell = "x = torch.ones(1024 * 1024)\nv = int(x.sum().item())\ny = torch.ones(v, 2)"
+    cell = "x = torch.ones(3 * 2**20)\nv = int(x.sum().item())\ny = torch.ones(v, 2)"
     shell.run(f"%%gpumem --limit {capacity}\n{cell}")
     report = oomnb.last_report()
     assert report is not None and report.oom is not None
-    assert any("less than the 12.00 MiB the cell reached before it failed" in n for n in report.notes), report.notes
-    needs, has = baseline + 4 * MiB + 8 * MiB, int(capacity * 0.95)
+    assert any("less than the 36.00 MiB the cell reached before it failed" in n for n in report.notes), report.notes
+    needs, has = start + 12 * MiB + 24 * MiB, int(capacity * 0.95)
     assert (report.oom.needs_bytes, report.oom.has_bytes, report.oom.needs_at_least) == (needs, has, True)
     assert report.story() == (
         f"needs at least {oomnb.format_bytes(needs)}, has {oomnb.format_bytes(has)} usable of "

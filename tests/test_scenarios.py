@@ -59,9 +59,33 @@ def evaluate(shell: Any, scenario: Scenario) -> dict[str, Any]:
     return outcome
 
 
+#: Scenarios whose capacities (tens of MiB) were tuned with allocations counted
+#: exactly: with the cache modelled, a 20 MiB segment is half such a card and
+#: the right fix no longer fits within it.  They run on the exact model until
+#: the corpus is rescaled to card-sized capacities; the rest run on the default.
+EXACT_SCALE = frozenset(
+    {
+        "a loss summed over micro-batches",
+        "the output cache holds a result",
+        "the last traceback holds a tensor",
+        "evaluation without no_grad",
+        "activations kept on module attributes",
+        "GPT-2 with a loss summed over micro-batches",
+    }
+)
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name.replace(" ", "-") for s in SCENARIOS])
 def test_scenario(shell: Any, scenario: Scenario) -> None:
-    outcome = evaluate(shell, scenario)
+    from oomnb.backends.simulated import device
+
+    before = device.caching
+    if scenario.name in EXACT_SCALE:
+        shell.run("%gpumem allocator exact")
+    try:
+        outcome = evaluate(shell, scenario)
+    finally:
+        device.caching = before
     assert outcome["oom"], "the scenario must run out of memory"
     text = outcome["text"]
     assert outcome["back"], f"memory not back to the baseline\n{text}"

@@ -9,17 +9,25 @@ memory would be returned to the CUDA caching allocator.  Sizes are rounded the
 way that allocator rounds them (multiples of 512 bytes), so ``allocated``
 equals what ``torch.cuda.memory_allocated`` reports for the same tensors.
 
-With a capacity, a storage that would take allocated memory past it raises a
-real ``torch.OutOfMemoryError`` whose message has CUDA's shape and says that
-the device is simulated.  Factory operations (``empty``, ``zeros``, ``randn``
+Every storage goes through a model of the CUDA caching allocator
+(:mod:`.caching`): its blocks, segments and cache, so ``reserved`` is what
+``torch.cuda.memory_reserved`` would say and fragmentation happens as it does
+on a card.  ``OOMNB_ALLOCATOR=exact`` (or ``%gpumem allocator exact``) turns
+the cache off: each storage is then its own exact segment.
+
+With a capacity, a storage the allocator cannot place (after giving back the
+cached segments that are wholly free, as CUDA's does) raises a real
+``torch.OutOfMemoryError`` whose message has CUDA's shape and says that the
+device is simulated.  Factory operations (``empty``, ``zeros``, ``randn``
 ...) are checked before anything is allocated; other operations are checked
 on their outputs, which are dropped before the error is raised.  If the CPU
 itself cannot allocate, that failure is reported as the simulated OOM too.
+A named card holds its CUDA context outside the allocator and reserves
+cuBLAS's workspace at the first matrix product.
 
-What it does not model: the caching allocator's cache (reserved equals
-allocated, so fragmentation cannot appear), allocation-size bucketing for
-the "Tried to allocate" figure, and workspaces that CUDA libraries allocate
-inside kernels.
+What it does not model: more than one stream, allocation-size bucketing for
+the "Tried to allocate" figure, and workspaces that other CUDA libraries
+(cuDNN, NCCL) allocate inside kernels.
 """
 
 from __future__ import annotations
@@ -45,13 +53,12 @@ _aten = torch.ops.aten
 
 
 def _caching_from_environment() -> bool:
-    """Whether the caching allocator's cache is modelled (``OOMNB_ALLOCATOR=caching``).
+    """Whether the caching allocator's cache is modelled: yes, unless ``OOMNB_ALLOCATOR=exact``.
 
-    Off by default for now: the exact-allocation model (reserved equals
-    allocated) is what the advice and the example notebooks are tuned on;
-    turning the cache on everywhere is the next step of the allocator work.
+    ``exact`` is the earlier model (each storage its own exact segment,
+    reserved equals allocated), kept for comparison and for the benchmark.
     """
-    return os.environ.get("OOMNB_ALLOCATOR", "").strip().lower() == "caching"
+    return os.environ.get("OOMNB_ALLOCATOR", "").strip().lower() != "exact"
 
 
 def _conf_from_environment() -> Any:
@@ -285,8 +292,16 @@ class SimulatedDevice:
         self.alloc.caching = bool(on)
 
     def set_alloc_conf(self, text: str) -> None:
-        """Change ``PYTORCH_CUDA_ALLOC_CONF`` from now on (ValueError, one line, for a bad one)."""
-        self.alloc.conf = parse_alloc_conf(text)
+        """Change ``PYTORCH_CUDA_ALLOC_CONF`` from now on (ValueError, one line, for a bad one).
+
+        The cached segments that are wholly free go back, as a restart would
+        give them back: new tensors then take segments made under the new
+        setting, not the old cache (segments that hold a live tensor stay).
+        """
+        conf = parse_alloc_conf(text)
+        with self._lock:
+            self.alloc.conf = conf
+            self.alloc.empty_cache()
 
     # -- life cycle -------------------------------------------------------
     @property

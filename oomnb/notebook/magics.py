@@ -374,7 +374,8 @@ class GpuMem(Magics):
                 raise UsageError(str(exc)) from None
         conf = simulated_device.alloc.conf.to_text() or "the defaults"
         mode = "" if simulated_device.caching else " (it applies with `%gpumem allocator caching`)"
-        print(f"oomnb: the simulated device's PYTORCH_CUDA_ALLOC_CONF is {conf}{mode}.")
+        emptied = " Its free cached segments were given back." if text is not None and simulated_device.caching else ""
+        print(f"oomnb: the simulated device's PYTORCH_CUDA_ALLOC_CONF is {conf}{mode}.{emptied}")
 
     def _backend_or_usage(self, spec: str | None) -> Backend:
         try:
