@@ -39,7 +39,7 @@ def _cells() -> list[tuple[str, str, str]]:
         (
             "oom_lower_bound",
             "import torch",
-            "%%gpumem --limit 8MiB\nx = torch.ones(1024 * 1024)\nv = int(x.sum().item())\ny = torch.ones(v, 2)",
+            "%%gpumem --limit 32MiB\nx = torch.ones(3 * 2**20)\nv = int(x.sum().item())\ny = torch.ones(v, 2)",
         ),
         ("no_limit", "import torch", "%%gpumem\ny = torch.ones(3, 1024)"),
     ]
@@ -54,8 +54,11 @@ def generate() -> dict[str, Any]:
     ip = InteractiveShell.instance()
     ip.run_line_magic("load_ext", "oomnb")
     reports = []
+    from oomnb.backends.simulated import device
+
     for name, setup, cell in _cells():
         ip.run_line_magic("reset", "-f")
+        device.empty_cache()  # each from an empty cache, not the last one's segments
         ip.run_cell(setup)
         ip.run_cell(cell, store_history=True)
         report = oomnb.last_report()

@@ -36,7 +36,12 @@ def device_label(report: Report) -> str:
     capacity = report.device.capacity_bytes
     cap = f"{format_bytes(capacity)}" if capacity is not None else "no limit"
     tag = "simulated on the CPU" if report.simulated else "CUDA"
-    return f"{report.device.name} ({cap}, {tag})"
+    held = report.device.context_bytes
+    # What CUDA's own message calls non-PyTorch memory: on the simulated device
+    # the card's CUDA context; on a card, also other processes' memory.
+    what = " (CUDA context)" if report.simulated else ""
+    outside = f", {format_bytes(held)} of it non-PyTorch memory{what}" if held else ""
+    return f"{report.device.name} ({cap}{outside}, {tag})"
 
 
 def headline(report: Report) -> str:
