@@ -102,6 +102,24 @@ class AllocConf:
         return 0
 
 
+#: Options PyTorch knows that change nothing this model counts: accepted, ignored.
+_UNMODELLED_KEYS = frozenset(
+    {
+        "backend",
+        "max_non_split_rounding_mb",
+        "release_lock_on_cudamalloc",
+        "release_lock_on_hipmalloc",
+        "pinned_use_cuda_host_register",
+        "pinned_use_hip_host_register",
+        "pinned_num_register_threads",
+        "pinned_use_background_threads",
+        "pinned_reserve_segment_size_mb",
+        "graph_capture_record_stream_reuse",
+        "per_process_memory_fraction",
+    }
+)
+
+
 def parse_alloc_conf(text: str) -> AllocConf:
     """Read ``PYTORCH_CUDA_ALLOC_CONF`` as PyTorch does (``key:value`` pairs separated by commas).
 
@@ -140,7 +158,8 @@ def parse_alloc_conf(text: str) -> AllocConf:
             conf.garbage_collection_threshold = threshold
         elif key == "roundup_power2_divisions":
             conf.roundup_power2_divisions = _divisions(value)
-        elif not re.fullmatch(r"[a-z_0-9]+", key):
+        elif key not in _UNMODELLED_KEYS:
+            # PyTorch refuses an unknown key too ("Unrecognized key ... in allocator config").
             raise ValueError(f"PYTORCH_CUDA_ALLOC_CONF: unknown option {key!r}")
     return conf
 
@@ -670,14 +689,10 @@ class CachingAllocator:
             other.expandable = seen[id(pool.expandable)] if pool.expandable is not None else None
         return twin, seen
 
-    def snapshot(self, allocated: Iterable[Block] = ()) -> list[dict[str, Any]]:
-        """The segments as ``torch.cuda.memory_snapshot()`` lists them, in address order.
+    def segment_starts(self, allocated: Iterable[Block] = ()) -> list[Block]:
+        """The first block of every segment, in address order (which is the order they were made).
 
-        ``allocated`` are the blocks the caller holds (the allocator keeps only
-        free ones).  Each segment has ``address``, ``total_size`` (mapped bytes),
-        ``segment_type`` ("small"/"large") and ``blocks`` with ``size`` and
-        ``state``: "active_allocated", "inactive" (cached) or "unmapped" (an
-        expandable segment's pages given back, not part of ``total_size``).
+        ``allocated`` are the blocks the caller holds (the allocator keeps only free ones).
         """
         firsts: dict[int, Block] = {}
         starts: list[Block] = [*self.small.free.values(), *self.large.free.values(), *allocated]
@@ -687,9 +702,20 @@ class CachingAllocator:
             while first.prev is not None:
                 first = first.prev
             firsts[first.addr] = first
+        return [firsts[addr] for addr in sorted(firsts)]
+
+    def snapshot(self, allocated: Iterable[Block] = ()) -> list[dict[str, Any]]:
+        """The segments as ``torch.cuda.memory_snapshot()`` lists them, in address order.
+
+        ``allocated`` are the blocks the caller holds (the allocator keeps only
+        free ones).  Each segment has ``address``, ``total_size`` (mapped bytes),
+        ``segment_type`` ("small"/"large") and ``blocks`` with ``size`` and
+        ``state``: "active_allocated", "inactive" (cached) or "unmapped" (an
+        expandable segment's pages given back, not part of ``total_size``).
+        """
         segments = []
-        for addr in sorted(firsts):
-            first = firsts[addr]
+        for first in self.segment_starts(allocated):
+            addr = first.addr
             blocks: list[dict[str, Any]] = []
             total = 0
             block: Block | None = first

@@ -67,7 +67,11 @@ def _conf_from_environment() -> Any:
 
     try:
         return parse_alloc_conf(os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
-    except ValueError:
+    except ValueError as exc:
+        import warnings
+
+        # PyTorch would refuse to start CUDA with it: say so once, and go on with the defaults.
+        warnings.warn(f"oomnb: {exc}; the simulated device uses the defaults", stacklevel=2)
         return AllocConf()
 
 
@@ -289,7 +293,37 @@ class SimulatedDevice:
 
     @caching.setter
     def caching(self, on: bool) -> None:
-        self.alloc.caching = bool(on)
+        """Switch models; the live storages are allocated again under the new one, in the order they came.
+
+        So the figures afterwards are those of a notebook run with that model
+        from the start (what it had cached is not carried over): with the
+        cache off, reserved equals allocated again.
+        """
+        on = bool(on)
+        if on != self.alloc.caching:
+            self.repack(caching=on)
+
+    def repack(self, caching: bool | None = None) -> None:
+        """Allocate the live storages again, in the order they came, on a fresh allocator.
+
+        What a restarted notebook that made the same tensors would hold: the
+        cache and the gaps dead tensors left are gone.  ``caching`` switches
+        the model at the same time.
+        """
+        with self._lock:
+            old = self.alloc
+            on = old.caching if caching is None else caching
+            self.alloc = CachingAllocator(old.capacity, old.conf, caching=on)
+            self.alloc.num_ooms = old.num_ooms
+            if self.workspace is not None:
+                size = self.workspace.requested if isinstance(self.workspace, Block) else self.workspace
+                self.workspace = self._take(size, False) if size else None
+            for key, (ref, nbytes, _held) in list(self._live.items()):
+                if key not in self._live or ref() is None:
+                    continue  # died meanwhile: its release already gave its old block back
+                held = self._take(nbytes, False)
+                self._live[key] = (ref, nbytes, held if held is not None else 0)
+            self.alloc.reset_peak()
 
     def set_alloc_conf(self, text: str) -> None:
         """Change ``PYTORCH_CUDA_ALLOC_CONF`` from now on (ValueError, one line, for a bad one).
@@ -432,21 +466,50 @@ class SimulatedDevice:
         return segments
 
     def replayed(self, conf: Any) -> tuple[CachingAllocator, dict[int, Block]]:
-        """A new allocator with ``conf`` that has allocated the live storages again, in the order they came.
+        """A new allocator with ``conf`` that has made the device's blocks again: what the device
+        would hold had the notebook run from the start with that ``PYTORCH_CUDA_ALLOC_CONF``.
 
-        What the device would hold had the notebook run from the start with
-        that ``PYTORCH_CUDA_ALLOC_CONF``; the blocks are returned by storage id.
+        The history is read from the layout: segment by segment in the order
+        they were made, every block (live, and free ones as the tensors that
+        were there) is allocated again in address order, then the free ones
+        are freed, so live tensors keep the gaps that dead ones left between
+        them.  Without the cache there is no layout: the live storages are
+        allocated again in the order they came.  Blocks are returned by storage id.
         """
         with self._lock:
             twin = CachingAllocator(self.alloc.capacity, conf, caching=True)
-            if isinstance(self.workspace, (Block, int)) and self.workspace:
-                size = self.workspace.requested if isinstance(self.workspace, Block) else self.workspace
-                twin.malloc(size, force=True)
             blocks: dict[int, Block] = {}
-            for key, (_ref, nbytes, _held) in self._live.items():
-                block = twin.malloc(nbytes, force=True) if nbytes else None
-                if block is not None:
-                    blocks[key] = block
+            held = {id(entry[2]): key for key, entry in self._live.items() if isinstance(entry[2], Block)}
+            workspace = self.workspace
+            if held or isinstance(workspace, Block):
+                mine: list[Block] = [
+                    block for block in (self._live[key][2] for key in held.values()) if isinstance(block, Block)
+                ]
+                if isinstance(workspace, Block):
+                    mine.append(workspace)
+                dead: list[Block] = []
+                for first in self.alloc.segment_starts(mine):
+                    block: Block | None = first
+                    while block is not None:
+                        if block.allocated:
+                            again = twin.malloc(block.requested or block.size, force=True)
+                            key = held.get(id(block))
+                            if again is not None and key is not None:
+                                blocks[key] = again
+                        elif block.mapped:
+                            again = twin.malloc(block.size, force=True)
+                            if again is not None:
+                                dead.append(again)
+                        block = block.next
+                for again in dead:
+                    twin.free(again)
+            else:
+                if isinstance(workspace, int) and workspace:
+                    twin.malloc(workspace, force=True)
+                for key, (_ref, nbytes, _held) in self._live.items():
+                    again = twin.malloc(nbytes, force=True) if nbytes else None
+                    if again is not None:
+                        blocks[key] = again
         twin.reset_peak()
         return twin, blocks
 
