@@ -3,9 +3,10 @@
 Ten [7][6][7] MiB triples fill ten 20 MiB segments of a 200 MiB card; with
 the 7s freed, 60 MiB is allocated and 140 MiB reserved but unallocated, so a
 10 MiB tensor fails (no free block is 10 MiB long).  Replayed with
-``expandable_segments:True`` the ten 6 MiB tensors take three 20 MiB pages
-and the 10 MiB tensor a fourth: 80 MiB reserved.  Sizes are as in
-``tests/test_allocator.py``, worked out from the rules.
+``expandable_segments:True`` (the layout's history: triples made, 7s freed)
+the freed 7s join into 14 MiB ranges and the 10 MiB tensor takes one: 200 MiB
+reserved, which fits.  Sizes are as in ``tests/test_allocator.py``, worked
+out from the rules.
 """
 
 from __future__ import annotations
@@ -62,15 +63,17 @@ def test_fragmentation_oom_is_explained_and_expandable_segments_measured(shell: 
         assert len(found) == 1
         fix = found[0]
         assert fix["source"] == "dry-run" and fix["fits"] is True and fix["apply"] == "setup"
-        # As is: 200 MiB reserved and a 10 MiB segment more; replayed: four 20 MiB pages.
-        assert fix["saves_bytes"] == 210 * MiB - 80 * MiB
-        assert "reserve 80.00 MiB at the peak instead of 210.00 MiB" in fix["detail"]
+        # As is: 200 MiB reserved and a 10 MiB segment more.  Replayed from the layout (the
+        # triples made, the 7s freed) the segment maps 200 MiB and its freed 7s join into
+        # 14 MiB ranges: the 10 MiB tensor takes one, and nothing more is reserved.
+        assert fix["saves_bytes"] == 210 * MiB - 200 * MiB
+        assert "reserve 200.00 MiB at the peak instead of 210.00 MiB" in fix["detail"]
         assert 'os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"' in fix["code"]
         # Nothing the user had was lost, and the kernel goes on.
         assert len(shell.ns["kept"]) == 10 and "big" not in shell.ns
     finally:
         shell.run("%gpumem alloc-conf default")
-        shell.run("%gpumem allocator exact")
+        shell.run("%gpumem allocator caching")
         shell.run("%gpumem limit off")
 
 
@@ -93,7 +96,7 @@ def test_the_suggestion_applied_literally_makes_the_cell_fit(shell: Any) -> None
         assert text.endswith("(in expandable segments, whose free pages are mapped again where a request needs them).")
     finally:
         shell.run("%gpumem alloc-conf default")
-        shell.run("%gpumem allocator exact")
+        shell.run("%gpumem allocator caching")
         shell.run("%gpumem limit off")
 
 
@@ -106,7 +109,7 @@ def test_no_allocator_advice_where_fragmentation_did_not_cause_the_oom(shell: An
         assert report["oom"] is not None
         assert all(s["kind"] != "expandable_segments" for s in report["suggestions"])
     finally:
-        shell.run("%gpumem allocator exact")
+        shell.run("%gpumem allocator caching")
         shell.run("%gpumem limit off")
 
 
@@ -130,7 +133,7 @@ def test_segments_show_the_fragmentation(shell: Any) -> None:
         assert len(segments_figure(seg).axes[0].patches) == 30
     finally:
         shell.run("%gpumem alloc-conf default")
-        shell.run("%gpumem allocator exact")
+        shell.run("%gpumem allocator caching")
         shell.run("%gpumem limit off")
 
 
@@ -161,3 +164,91 @@ def test_segments_without_the_cache_and_from_a_cuda_snapshot(shell: Any) -> None
     ]
     seg = from_snapshot(cuda, "cuda:0")
     assert (seg.reserved, seg.allocated, seg.free_blocks) == (4 * MiB, 2 * MiB, [2 * MiB])
+
+
+REUSED = """
+MiB = 2**20
+t = torch.empty(100 * MiB, dtype=torch.uint8)
+del t
+s = torch.empty(30 * MiB, dtype=torch.uint8)
+"""
+BIG = "%%gpumem\nx = torch.empty(150 * MiB, dtype=torch.uint8)\n"
+
+
+def test_a_request_larger_than_any_free_block_is_fragmentation_too(shell: Any) -> None:
+    """A 100 MiB segment, freed, then split by 30 MiB: its 70 MiB rest cannot go back; 150 MiB then fails
+    on 200 MiB though 30 + 150 fit.  With expandable segments (history replayed from the layout) the
+    150 MiB tensor maps the pages after the 30 MiB one: 180 MiB reserved."""
+    try:
+        assert shell.run("%gpumem limit 200MiB --context 0").success
+        assert shell.run(REUSED).success
+        report = _report(shell.run(BIG))
+        oom = report["oom"]
+        assert (oom["allocated_bytes"], oom["reserved_unallocated_bytes"]) == (30 * MiB, 70 * MiB)
+        assert "without it the 150.00 MiB request would fit beside the 30.00 MiB allocated" in oom["diagnosis"]
+        (fix,) = [s for s in report["suggestions"] if s["kind"] == "expandable_segments"]
+        assert fix["source"] == "dry-run" and fix["fits"] is True, fix
+        assert "reserve 180.00 MiB at the peak instead of 250.00 MiB" in fix["detail"]
+        # Applied literally: the setting (a restart), then the same cells.
+        shell.run("del s")
+        assert shell.run("%gpumem alloc-conf expandable_segments:True").success
+        assert shell.run(REUSED).success
+        assert _report(shell.run(BIG))["oom"] is None
+        # Already on: an OOM there is not told to turn it on.
+        report = _report(shell.run("%%gpumem\ny = torch.empty(40 * MiB, dtype=torch.uint8)\n"))
+        assert report["oom"] is not None
+        assert all(s["kind"] != "expandable_segments" for s in report["suggestions"])
+    finally:
+        shell.run("%gpumem alloc-conf default")
+        shell.run("%gpumem limit off")
+
+
+def test_switching_models_allocates_the_live_tensors_again(shell: Any) -> None:
+    from oomnb.backends.simulated import device
+
+    try:
+        assert shell.run("MiB = 2**20\na = torch.empty(3 * MiB // 4)\nc = torch.empty(5 * MiB // 4)\ndel a").success
+        assert (device.allocated, device.reserved) == (5 * MiB, 20 * MiB)
+        assert shell.run("%gpumem allocator exact").success
+        assert (device.allocated, device.reserved) == (5 * MiB, 5 * MiB)
+        assert shell.run("%gpumem allocator caching").success
+        assert (device.allocated, device.reserved) == (5 * MiB, 20 * MiB)
+        assert shell.ns["c"].numel() == 5 * MiB // 4
+    finally:
+        device.caching = True
+
+
+def test_bad_settings_are_one_line_and_change_nothing(shell: Any) -> None:
+    from oomnb.backends.simulated import device
+
+    try:
+        bad = shell.run("%gpumem alloc-conf foo:1")
+        assert not bad.success and "unknown option 'foo'" in str(bad.error_in_exec)
+        spaced = shell.run("%gpumem alloc-conf max_split_size_mb:100, expandable_segments:True")
+        assert spaced.success
+        assert device.alloc.conf.to_text() == "expandable_segments:True,max_split_size_mb:100"
+        assert shell.run("%gpumem limit T4").success
+        too_much = shell.run("%gpumem limit 1GiB --context 2GiB")
+        assert not too_much.success and "is not less than the card's 1.00 GiB" in str(too_much.error_in_exec)
+        assert device.card is not None and device.card.name == "T4"  # the old limit stands
+        cell = shell.run("%%gpumem --limit T4 --context 20GiB\nx = 1")
+        assert not cell.success and "nothing would be left for PyTorch" in str(cell.error_in_exec)
+    finally:
+        shell.run("%gpumem alloc-conf default")
+        shell.run("%gpumem limit off")
+
+
+def test_empty_cache_gives_back_whole_free_segments_only(shell: Any) -> None:
+    from oomnb.backends.simulated import device
+
+    try:
+        _fragment(shell, "default")
+        # Every segment holds a kept 6 MiB tensor: nothing is wholly free.
+        out = shell.run("%gpumem empty-cache").captured.stdout
+        assert "gave back 0 B; reserved now 200.00 MiB" in out
+        shell.run("del kept[:4]")
+        out = shell.run("%gpumem empty-cache").captured.stdout
+        assert "gave back 80.00 MiB; reserved now 120.00 MiB" in out
+        assert (device.allocated, device.reserved) == (36 * MiB, 120 * MiB)
+    finally:
+        shell.run("%gpumem limit off")

@@ -23,7 +23,7 @@ from ..model.units import format_bytes
 from .cellsource import accumulation_cell, backward_per_micro_batch, loop_variables, method_callers
 from .census import Census, TensorRecord
 from .estimator import BatchFit, DryRun, DryRunError, search_batch
-from .rules import EXPANDABLE_CODE, MARGIN, failure_lower_bound, usable_capacity
+from .rules import EXPANDABLE_CODE, MARGIN, expandable_already, failure_lower_bound, usable_capacity
 from .sizes import Knob, find_knobs
 from .trainer import trainer_called, trainer_suggestions
 
@@ -948,7 +948,8 @@ _FRAGMENTATION_FIXES = (
     (
         "expandable_segments:True",
         "Let the allocator grow segments instead of fragmenting",
-        "one expandable segment per pool, mapped page by page, so freed ranges join",
+        "one expandable segment per pool, mapped in pages of 2 MiB for small tensors and 20 MiB for large "
+        "ones, so freed ranges join",
     ),
 )
 
@@ -965,18 +966,15 @@ def _allocator(context: _Context) -> list[Suggestion]:
     unallocated sits in split segments, which ``empty_cache()`` cannot return.)
     """
     oom = context.report.oom
-    if oom is None or _expandable_already(context.report.device.kind):
+    if oom is None or expandable_already(context.report.device.kind):
         return []
     unallocated = oom.reserved_unallocated_bytes or 0
     requested = oom.requested_bytes or 0
     allocated = oom.allocated_bytes
     capacity = context.capacity
+    # Had the cached-but-unallocated memory been usable, the request would have fit.
     fragmented = (
-        unallocated > 0
-        and allocated is not None
-        and capacity is not None
-        and allocated + requested <= capacity
-        and unallocated >= requested
+        unallocated > 0 and allocated is not None and capacity is not None and allocated + requested <= capacity
     )
     as_is, run_cell = context.as_is, context.run_cell
     if as_is is not None and as_is.whole_device and run_cell is not None:
@@ -1000,25 +998,6 @@ def _allocator(context: _Context) -> list[Suggestion]:
     ]
 
 
-def _expandable_already(kind: str) -> bool:
-    """Whether the device's allocator already grows its segments (nothing to suggest then)."""
-    if kind == "simulated":
-        from ..backends.simulated import device
-
-        return bool(device.alloc.conf.expandable_segments)
-    import os
-
-    from ..allocator.caching import parse_alloc_conf
-
-    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
-        try:
-            if parse_alloc_conf(os.environ.get(name, "")).expandable_segments:
-                return True
-        except ValueError:
-            continue
-    return False
-
-
 def _measured_allocator_fixes(
     context: _Context, as_is: DryRun, run_cell: CellRunner, unallocated: int
 ) -> list[Suggestion]:
@@ -1038,15 +1017,19 @@ def _measured_allocator_fixes(
                 f"{setting} would not help: replayed with it, the cell still reserves {format_bytes(peak)}"
             )
             continue
-        budget = context.budget
+        # Against the whole usable capacity, not the budget: the replay is of the
+        # allocator itself, and a cache that fills the card to its last segment is normal.
+        budget = context.capacity
         found.append(
             Suggestion(
                 kind="expandable_segments",
                 title=title,
                 detail=f"{format_bytes(unallocated)} was reserved by PyTorch but unallocated when the cell failed: "
                 f"the cache is fragmented. Replayed with PYTORCH_CUDA_ALLOC_CONF={setting} ({how}), the "
-                f"notebook's tensors and the cell reserve {format_bytes(peak)} at the peak instead of "
-                f"{format_bytes(current)}. Set it before torch starts (a kernel restart), then run the notebook again.",
+                f"notebook's memory (its blocks made again as they lie, segment by segment, the free ones freed "
+                f"after) and the cell reserve {format_bytes(peak)} at the peak instead of {format_bytes(current)}. "
+                "The history is read from the layout: an estimate where freed memory was reused in another "
+                "order. Set it before torch starts (a kernel restart), then run the notebook again.",
                 saves_bytes=saves,
                 params={"PYTORCH_CUDA_ALLOC_CONF": setting},
                 code=EXPANDABLE_CODE,

@@ -52,6 +52,25 @@ def set_lower_bound_story(report: Report) -> None:
     oom.needs_bytes, oom.has_bytes, oom.needs_at_least = needs, int(capacity * (1 - MARGIN)), True
 
 
+def expandable_already(kind: str) -> bool:
+    """Whether the device's allocator already grows its segments (nothing to suggest then)."""
+    if kind == "simulated":
+        from ..backends.simulated import device
+
+        return bool(device.alloc.conf.expandable_segments)
+    import os
+
+    from ..allocator.caching import parse_alloc_conf
+
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        try:
+            if parse_alloc_conf(os.environ.get(name, "")).expandable_segments:
+                return True
+        except ValueError:
+            continue
+    return False
+
+
 def diagnose(
     oom: OomInfo,
     *,
@@ -60,6 +79,7 @@ def diagnose(
     capacity_bytes: int | None,
     simulated: bool,
     batch_var: dict[str, object] | None = None,
+    context_bytes: int = 0,
 ) -> tuple[str, list[Suggestion]]:
     """A one-paragraph diagnosis and the suggestions that follow from the figures.
 
@@ -89,23 +109,33 @@ def diagnose(
                 params={"requested_bytes": requested},
             )
         )
-    elif unallocated > 0 and unallocated >= max(requested, 1 if simulated else 64 * MiB):
+    elif (
+        unallocated >= (1 if simulated else 64 * MiB)
+        and oom.allocated_bytes is not None
+        and capacity
+        and oom.allocated_bytes + requested + context_bytes <= capacity
+    ):
+        # Had the cached-but-unallocated memory been usable, the request would have fit.
         reasons.append(
-            f"{format_bytes(unallocated)} is reserved by PyTorch's cache but unallocated, enough for the "
-            f"{format_bytes(requested)} request: the cache is fragmented."
+            f"{format_bytes(unallocated)} is reserved by PyTorch's cache but unallocated; without it the "
+            f"{format_bytes(requested)} request would fit beside the {format_bytes(oom.allocated_bytes)} "
+            "allocated: the cache is fragmented."
         )
-        suggestions.append(
-            Suggestion(
-                kind="expandable_segments",
-                title="Let the allocator grow segments instead of fragmenting",
-                detail=f"{format_bytes(unallocated)} sits reserved but unused; expandable segments let PyTorch "
-                "reuse it for large requests.",
-                saves_bytes=unallocated,
-                params={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
-                code=EXPANDABLE_CODE,
-                apply="setup",
+        if expandable_already("simulated" if simulated else "cuda"):
+            reasons[-1] += " Expandable segments are on already: the free ranges lie between live tensors."
+        else:
+            suggestions.append(
+                Suggestion(
+                    kind="expandable_segments",
+                    title="Let the allocator grow segments instead of fragmenting",
+                    detail=f"{format_bytes(unallocated)} sits reserved but unused; expandable segments let "
+                    "PyTorch reuse it for large requests.",
+                    saves_bytes=unallocated,
+                    params={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
+                    code=EXPANDABLE_CODE,
+                    apply="setup",
+                )
             )
-        )
     others = oom.other_processes_bytes or 0
     if capacity and others > 0.05 * capacity:
         reasons.append(

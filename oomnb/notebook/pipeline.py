@@ -273,6 +273,7 @@ class CellRun:
                 capacity_bytes=oom.capacity_bytes,
                 simulated=backend.kind == "simulated",
                 batch_var=report.batch_var,
+                context_bytes=report.device.context_bytes,
             )
         with guarded(notes, "tell what the cell needed"):
             rules.set_lower_bound_story(report)
