@@ -188,7 +188,7 @@ class GpuMem(Magics):
         "command",
         nargs="*",
         help=(
-            "Line magic only: status (default), panel, census, segments, advise, reset, auto on|off, "
+            "Line magic only: status (default), panel, census, segments, empty-cache, advise, reset, auto on|off, "
             "limit SIZE|CARD|off, alloc-conf [SETTING], allocator caching|exact."
         ),
     )
@@ -275,22 +275,28 @@ class GpuMem(Magics):
                 nbytes, card = parse_limit(args.limit)
             except ValueError as exc:
                 raise UsageError(f"--limit: {exc}") from None
-        context = self._context_arg(args)
+        context = self._context_arg(args, nbytes if nbytes is not None else backend.capacity)
         if args.batch_var is not None and not args.batch_var.isidentifier():
             raise UsageError(f"--batch-var: {args.batch_var!r} is not a variable name")
         with limited(backend, nbytes, card, context):
             return self._run(cell, line, backend, args)
 
     @staticmethod
-    def _context_arg(args: Any) -> int | None:
+    def _context_arg(args: Any, capacity: int | None) -> int | None:
         if args.context is None:
             return None
         if args.context.strip() in ("0", "0B", "none", "off"):
             return 0  # a raw capacity: nothing held outside PyTorch
         try:
-            return parse_size(args.context)
+            context = parse_size(args.context)
         except ValueError as exc:
             raise UsageError(f"--context: {exc}") from None
+        if capacity is not None and context >= capacity:
+            raise UsageError(
+                f"--context: {format_bytes(context)} is not less than the card's {format_bytes(capacity)}: "
+                "nothing would be left for PyTorch"
+            )
+        return context
 
     def _line(self, args: Any) -> Any:
         words = [w.lower() for w in args.command]
@@ -312,6 +318,16 @@ class GpuMem(Magics):
         if words == ["advise"]:
             self._advise_last(args)
             return None
+        if words == ["empty-cache"]:
+            backend = self._backend_or_usage(args.device)
+            before = backend.snapshot().reserved_bytes
+            backend.empty_cache()
+            after = backend.snapshot().reserved_bytes
+            print(
+                f"oomnb: {backend.name}: empty_cache() gave back {format_bytes(before - after)}; "
+                f"reserved now {format_bytes(after)}."
+            )
+            return None
         if words == ["segments"]:
             from ..render.segments import segments_bundle
 
@@ -328,12 +344,14 @@ class GpuMem(Magics):
             print(f"oomnb: auto {'on: every cell is measured' if self.auto else 'off'}.")
             return None
         if words[0] == "limit" and len(words) == 2:
+            off = words[1] in ("off", "none")
             try:
-                self.limit = "" if words[1] in ("off", "none") else args.command[1]
-            except TraitError as exc:
+                # Both checked before anything changes: a bad --context leaves the old limit.
+                context = self._context_arg(args, None if off else parse_limit(args.command[1])[0])
+                self.limit = "" if off else args.command[1]
+            except (TraitError, ValueError) as exc:
                 raise UsageError(f"limit: {exc}") from None
             backend = self.backend()
-            context = self._context_arg(args)
             if context is not None and backend.kind == "simulated":
                 backend.limit(*backend.current_limit(), context)
             capacity = backend.capacity
@@ -345,8 +363,9 @@ class GpuMem(Magics):
                 else f"oomnb: {backend.name} has no limit."
             )
             return None
-        if words[0] == "alloc-conf" and len(words) <= 2:
-            self._alloc_conf(args.command[1] if len(words) == 2 else None)
+        if words[0] == "alloc-conf":
+            # "max_split_size_mb:100, expandable_segments:True" arrives as two words.
+            self._alloc_conf("".join(args.command[1:]) if len(words) > 1 else None)
             return None
         if words[0] == "allocator" and len(words) == 2 and words[1] in ("caching", "exact"):
             from ..backends.simulated import device as simulated_device
@@ -359,8 +378,8 @@ class GpuMem(Magics):
             )
             return None
         raise UsageError(
-            f"unknown %gpumem command {' '.join(args.command)!r}: use status, panel, census, segments, advise, reset, "
-            "auto on|off, limit SIZE|off, alloc-conf [SETTING] or allocator caching|exact"
+            f"unknown %gpumem command {' '.join(args.command)!r}: use status, panel, census, segments, empty-cache, "
+            "advise, reset, auto on|off, limit SIZE|off, alloc-conf [SETTING] or allocator caching|exact"
         )
 
     def _alloc_conf(self, text: str | None) -> None:
