@@ -85,6 +85,10 @@ def shell() -> Iterator[Shell]:
     finally:
         ip.run_line_magic("unload_ext", "oomnb")
         ip.reset(new_session=False)
+        # A test that switched the allocator model leaves the default behind.
+        from oomnb.allocator.tracker import _caching_from_environment
+
+        simulated_device.caching = _caching_from_environment()
         # The singleton keeps the last error (its result, and the traceback
         # for %debug) and through it the frames of a failed cell: tensors a
         # later test would find on the device.  Clear them as the panel does.

@@ -85,11 +85,12 @@ def _settle() -> int:
     The young generations are enough (tracebacks are released by hand, and
     modules and tensors do not form cycles); a full collection would cost a
     tenth of a second per call with torch's and FakeTensor's objects around.
-    Emptying the allocator's cache makes the reference run and the run under
-    the magic start from the same segments.
+    Repacking the live tensors on a fresh allocator makes the reference run
+    and the run under the magic start from the same segments, whatever
+    earlier tests left split.
     """
     gc.collect(1)
-    simulated_device.empty_cache()
+    simulated_device.repack()
     return _allocated()
 
 
