@@ -13,17 +13,6 @@ from oomnb.model.report import MIME_TYPE, load_schema
 MiB = 1024**2
 
 
-@pytest.fixture
-def exact_allocator() -> Any:
-    """Allocations counted exactly, for the tests below whose capacities are a few tens of MiB."""
-    from oomnb.backends.simulated import device
-
-    before = device.caching
-    device.caching = False
-    yield
-    device.caching = before
-
-
 #: Capacities of tens of MiB, tuned with allocations counted exactly: with the
 #: cache modelled a 20 MiB segment is most of such a card and other advice
 #: wins (``tests/test_fragmentation.py`` covers the cache's own advice).
@@ -60,6 +49,7 @@ def fits(shell: Any, cell: str, limit: int) -> bool:
     return report is not None and report.oom is None
 
 
+@EXACT_SCALE
 def test_batch_too_large(shell: Any) -> None:
     shell.run(SETUP + "batch_size = 4096")
     limit = shell.allocated() + 12 * MiB

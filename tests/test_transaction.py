@@ -229,6 +229,7 @@ COPIES = {
 }
 
 
+@pytest.mark.usefixtures("exact_allocator")  # limits a few MiB over what is allocated
 @pytest.mark.parametrize("case", sorted(COPIES))
 def test_a_copy_that_replaced_the_users_data_is_kept(shell: Any, case: str) -> None:
     """The cell replaced `X` with a copy and the original is gone: deleting the copy would lose the data."""
@@ -376,6 +377,7 @@ def test_fifty_oom_cycles_keep_memory_and_rss_flat(shell: Any) -> None:
     assert rss[1] - rss[0] < 64 * 1024
 
 
+@pytest.mark.usefixtures("exact_allocator")  # limits a few MiB over what is allocated
 def test_fifty_oom_cycles_in_auto_mode(shell: Any) -> None:
     shell.run("keep = torch.ones(1024)")
     for name in ("last_type", "last_value", "last_traceback", "last_exc"):
@@ -484,6 +486,7 @@ def test_advice_budget_out_of_range_is_refused(shell: Any, value: float) -> None
     assert magics.advice_budget == 10.0
 
 
+@pytest.mark.usefixtures("exact_allocator")  # limits a few MiB over what is allocated
 def test_loop_variables_are_temporaries_not_the_users_only_copy(shell: Any) -> None:
     """`for x, y in loader` rebinds x and y every pass: after an OOM they go, and memory is back at the baseline."""
     shell.run(
